@@ -1,0 +1,85 @@
+"""The training and evaluation loops: pure torch, every dependency an argument."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from cnnlab import CnnlabError
+from cnnlab.data import Split
+
+
+class NonFiniteLossError(CnnlabError):
+    """The training loss became NaN or infinite."""
+
+
+def epoch_order(n: int) -> Tensor:
+    """The epoch's sample order, drawn exactly as `DataLoader(shuffle=True)` draws it.
+
+    A DataLoader iterator first draws a worker base seed from the global RNG, then its
+    RandomSampler draws a seed for a fresh generator and takes `randperm(n)` from it. Making the
+    same two draws keeps the global RNG stream, and so every batch, identical to the article's.
+    """
+    torch.empty((), dtype=torch.int64).random_()  # the iterator's worker base seed, unused here
+    seed = int(torch.empty((), dtype=torch.int64).random_().item())
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return torch.randperm(n, generator=generator)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Split,
+    batch_size: int,
+    log_every: int,
+    progress: bool = False,
+) -> Iterator[tuple[int, float]]:
+    """Train one epoch; every `log_every` batches yield (batches done, their mean loss)."""
+    model.train()
+    n = len(data)
+    order = epoch_order(n).to(data.labels.device)
+    # Summed on the device and read back only every log_every batches: a .item() per step
+    # would stall a GPU on every batch. float64 keeps the sum as exact as the article's.
+    running = torch.zeros((), dtype=torch.float64, device=data.labels.device)
+    starts = range(0, n, batch_size)
+    for i, start in enumerate(tqdm(starts, disable=not progress, leave=False, unit="batch")):
+        idx = order[start : start + batch_size]
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(data.images[idx]), data.labels[idx])
+        loss.backward()
+        optimizer.step()
+        running += loss.detach()
+        if (i + 1) % log_every == 0:
+            yield i + 1, _finite(running.item() / log_every, i + 1)
+            running.zero_()
+    _finite(running.item(), len(starts))  # a NaN after the last logged window still fails
+
+
+def _finite(loss: float, batch: int) -> float:
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"training loss became {loss} by mini-batch {batch}; lower optimizer.lr "
+            "or check the data"
+        )
+    return loss
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Split, batch_size: int) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (0..1) of `model` over `data`."""
+    model.eval()
+    total_loss = torch.zeros((), dtype=torch.float64, device=data.labels.device)
+    correct = torch.zeros((), dtype=torch.int64, device=data.labels.device)
+    for start in range(0, len(data), batch_size):
+        images = data.images[start : start + batch_size]
+        labels = data.labels[start : start + batch_size]
+        logits = model(images)
+        total_loss += F.cross_entropy(logits, labels, reduction="sum")
+        correct += (logits.argmax(dim=1) == labels).sum()
+    return total_loss.item() / len(data), correct.item() / len(data)

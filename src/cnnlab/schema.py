@@ -1,0 +1,190 @@
+"""Typed config schema: the type of every key lives here, the values in conf/*.yaml.
+
+Registered in Hydra's ConfigStore, so a misspelled key or a wrong type fails while Hydra composes
+the config; `validate` then rejects impossible values (batch size 0, negative lr, ...) before any
+data is read or any MLflow run is created.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from cnnlab import CnnlabError
+
+
+class ConfigError(CnnlabError):
+    """A config value that composes but cannot work."""
+
+
+# ---------------------------------------------------------------- model: _target_ picks the class
+@dataclass
+class ModelConf:
+    _target_: str = MISSING
+
+
+@dataclass
+class ConvNetConf(ModelConf):
+    conv_channels: list[int] = MISSING  # output channels of each valid (unpadded) conv
+    kernel_size: int = MISSING
+    hidden: list[int] = MISSING  # widths of the hidden linear layers after the convs
+
+
+@dataclass
+class MLPConf(ModelConf):
+    hidden: list[int] = MISSING
+
+
+# ------------------------------------------------- optimizer: partial, parameters are bound later
+@dataclass
+class OptimizerConf:
+    _target_: str = MISSING
+    _partial_: bool = True
+    lr: float = MISSING
+    weight_decay: float = MISSING
+
+
+@dataclass
+class AdamConf(OptimizerConf):
+    betas: list[float] = MISSING
+    eps: float = MISSING
+
+
+@dataclass
+class SGDConf(OptimizerConf):
+    momentum: float = MISSING
+    nesterov: bool = MISSING
+
+
+# ------------------------------------------------------------------------------------------ data
+@dataclass
+class Checksums:
+    """md5 of each uncompressed IDX file."""
+
+    train_images: str = MISSING
+    train_labels: str = MISSING
+    test_images: str = MISSING
+    test_labels: str = MISSING
+
+
+@dataclass
+class DataConf:
+    name: str = MISSING
+    root: str = MISSING  # files live in <root>/<folder>/raw, torchvision's layout
+    folder: str = MISSING
+    num_classes: int = MISSING
+    md5: Checksums = MISSING
+    mirrors: list[str] = MISSING  # base URLs holding <file>.gz, tried first
+    npm_package: str | None = None  # npm package whose tarball holds the raw files
+    debian_dir: str | None = None  # folder a Debian package installs the files into
+    download_timeout: float = MISSING  # seconds per connection attempt
+
+
+# -------------------------------------------------------------------------------------- hardware
+@dataclass
+class HardwareConf:
+    device: str = MISSING  # auto | cpu | cuda | cuda:N
+    threads: int = MISSING  # torch intra-op threads; 0 keeps torch's default
+    deterministic: bool = MISSING  # torch.use_deterministic_algorithms
+
+
+# ------------------------------------------------------------------------------ train, tracking
+@dataclass
+class TrainConf:
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    log_every: int = MISSING  # mini-batches per logged mean train loss
+    seed: int = MISSING
+
+
+@dataclass
+class TrackingConf:
+    uri: str | None = None  # None: a SQLite store mlflow.db in the launch directory
+    experiment: str = MISSING
+    run_name: str | None = None
+    log_model: bool = MISSING
+
+
+@dataclass
+class Config:
+    model: ModelConf = MISSING
+    data: DataConf = MISSING
+    optimizer: OptimizerConf = MISSING
+    hardware: HardwareConf = MISSING
+    train: TrainConf = MISSING
+    tracking: TrackingConf = MISSING
+
+
+def register() -> None:
+    """Store the schemas under the names that conf/*.yaml extend."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="model", name="convnet_schema", node=ConvNetConf)
+    cs.store(group="model", name="mlp_schema", node=MLPConf)
+    cs.store(group="optimizer", name="adam_schema", node=AdamConf)
+    cs.store(group="optimizer", name="sgd_schema", node=SGDConf)
+    cs.store(group="data", name="idx_schema", node=DataConf)
+    cs.store(group="hardware", name="hardware_schema", node=HardwareConf)
+
+
+# ----------------------------------------------------------------------- value checks (validate)
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and v >= 1
+
+
+def _positive_float(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+
+
+# (key, check, what a valid value is). Keys absent from the chosen option (momentum under adam)
+# are skipped; the schema already rejects keys that don't exist anywhere.
+_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("train.epochs", _positive_int, "an integer >= 1"),
+    ("train.batch_size", _positive_int, "an integer >= 1"),
+    ("train.eval_batch_size", _positive_int, "an integer >= 1"),
+    ("train.log_every", _positive_int, "an integer >= 1"),
+    ("train.seed", lambda v: isinstance(v, int) and 0 <= v < 2**63, "an integer in [0, 2**63)"),
+    ("optimizer.lr", _positive_float, "a number > 0"),
+    ("optimizer.weight_decay", _non_negative, "a number >= 0"),
+    ("optimizer.momentum", lambda v: _non_negative(v) and v < 1, "a number in [0, 1)"),
+    ("optimizer.eps", _positive_float, "a number > 0"),
+    (
+        "optimizer.betas",
+        lambda v: len(v) == 2 and all(_non_negative(b) and b < 1 for b in v),
+        "two numbers in [0, 1), e.g. [0.9,0.999]",
+    ),
+    ("model.kernel_size", _positive_int, "an integer >= 1"),
+    ("model.conv_channels", lambda v: all(_positive_int(c) for c in v), "integers >= 1"),
+    ("model.hidden", lambda v: all(_positive_int(c) for c in v), "integers >= 1"),
+    ("data.num_classes", lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
+    ("data.download_timeout", _positive_float, "a number of seconds > 0"),
+    ("hardware.device", lambda v: bool(_DEVICE.match(v)), "one of auto, cpu, cuda, cuda:N"),
+    ("hardware.threads", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: default)"),
+    ("tracking.experiment", lambda v: bool(v.strip()), "a non-empty name"),
+]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first key whose value cannot work."""
+    for key, ok, expected in _RULES:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value)
+        if not ok(value):
+            raise ConfigError(f"{key}={value} is invalid: expected {expected}; set {key}=<value>")

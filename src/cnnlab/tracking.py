@@ -1,0 +1,162 @@
+"""Everything that talks to MLflow. The rest of cnnlab sees a `Tracker` for one run.
+
+Runs are written through an `MlflowClient` bound to one explicit URI rather than mlflow's
+process-global active run, so a test can point a run at a temporary SQLite store and nothing
+carries over from one run to the next.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+from cnnlab import CnnlabError
+
+_PARAMS_PER_BATCH = 100  # MLflow's cap on params in one log_batch call
+_PARAM_VALUE_CHARS = 6000  # MLflow's cap on one param value
+
+
+class TrackingError(CnnlabError):
+    """The tracking store cannot be reached or used."""
+
+
+def resolve_uri(uri: str | None, launch_dir: Path) -> str:
+    """The absolute tracking URI: None means the SQLite store mlflow.db in `launch_dir`."""
+    if uri is None:
+        return f"sqlite:///{(launch_dir / 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        # A relative SQLite path would follow the process's cwd; pin it to the launch directory.
+        return f"sqlite:///{(launch_dir / uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail within `timeout` seconds if an HTTP tracking server does not answer its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise TrackingError(
+        f"tracking server {uri} is unreachable ({reason}); start it with "
+        "`mlflow server --host 127.0.0.1 --port 5000` or set tracking.uri=null for the local store"
+    )
+
+
+class Tracker:
+    """Writes one MLflow run: params, metrics, tags, artifacts and the model."""
+
+    def __init__(self, client: MlflowClient, uri: str, run_id: str, experiment_id: str) -> None:
+        self.client = client
+        self.uri = uri
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log flat key -> value params in as few calls as MLflow allows."""
+        items = [Param(k, str(v)[:_PARAM_VALUE_CHARS]) for k, v in params.items()]
+        for i in range(0, len(items), _PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + _PARAMS_PER_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log several metrics at one step in one call."""
+        timestamp = int(time.time() * 1000)
+        batch = [Metric(k, float(v), timestamp, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (values are stored as strings)."""
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        """Store a dict or list as a YAML/JSON artifact (by the file's extension)."""
+        self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
+        """Copy a folder into the run's artifacts."""
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def log_model(self, model: Any, input_example: np.ndarray, requirements: list[str]) -> str:
+        """Log `model` as an MLflow PyTorch model; return the URI that loads it."""
+        model.eval()
+        with torch.no_grad():
+            output = model(torch.from_numpy(input_example)).cpu().numpy()
+        # mlflow.pytorch.log_model resolves its store from the global tracking URI.
+        mlflow.set_tracking_uri(self.uri)
+        logged = self.client.create_logged_model(
+            self.experiment_id, name="model", source_run_id=self.run_id
+        )
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=infer_signature(input_example, output),
+            input_example=input_example,
+            # Given, not inferred: inference re-imports the model in a subprocess (seconds).
+            pip_requirements=requirements,
+            model_id=logged.model_id,
+            run_id=self.run_id,
+        )
+        return info.model_uri
+
+
+def load_model(model_uri: str, tracking_uri: str) -> Any:
+    """Load a logged model back as a torch module."""
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+
+
+@contextmanager
+def start_run(
+    uri: str, experiment: str, run_name: str | None, tags: Mapping[str, str]
+) -> Iterator[Tracker]:
+    """Open a run and always close it: FINISHED, FAILED (with the reason) or KILLED (Ctrl-C)."""
+    check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        experiment_id = _experiment_id(client, uri, experiment)
+        run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+    except mlflow.exceptions.MlflowException as exc:
+        raise TrackingError(f"cannot open a run in {uri}: {exc.message.splitlines()[0]}") from exc
+    tracker = Tracker(client, uri, run.info.run_id, experiment_id)
+    print(f"MLflow run {run.info.run_name} ({run.info.run_id}) in {uri}")
+    status = RunStatus.to_string(RunStatus.FAILED)
+    try:
+        yield tracker
+        status = RunStatus.to_string(RunStatus.FINISHED)
+    except KeyboardInterrupt:
+        status = RunStatus.to_string(RunStatus.KILLED)
+        raise
+    except BaseException as exc:
+        client.set_tag(run.info.run_id, "cnnlab.error", f"{type(exc).__name__}: {exc}"[:5000])
+        raise
+    finally:
+        client.set_terminated(run.info.run_id, status)
+
+
+def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):
+        # Artifacts beside the database file, so the store is one movable folder.
+        artifact_location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+

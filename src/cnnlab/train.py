@@ -1,0 +1,171 @@
+"""cnnlab-train: compose the config, train the model, log the run to MLflow.
+
+    cnnlab-train                                  # the article's run
+    cnnlab-train optimizer=sgd train.epochs=2     # any key can be overridden
+    cnnlab-train -m optimizer.lr=1e-3,1e-4        # a sweep, under multirun/
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cnnlab import CnnlabError, __version__, schema
+from cnnlab.data import load_dataset
+from cnnlab.loop import evaluate, train_one_epoch
+from cnnlab.tracking import check_reachable, resolve_uri, start_run
+
+# An installed wheel carries conf/ inside the package; a source checkout (pip install -e) reads
+# the top-level conf/ so that edits there take effect at once.
+_PACKAGED_CONF = Path(__file__).with_name("conf")
+CONF_DIR = str(_PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).parents[2] / "conf")
+
+schema.register()
+
+
+def train(cfg: DictConfig) -> float:
+    """Train the configured model and log the run; return the final test accuracy."""
+    schema.validate(cfg)
+    device = setup_hardware(cfg.hardware)
+    uri = resolve_uri(cfg.tracking.uri, Path.cwd())
+    check_reachable(uri)  # seconds, not a whole epoch, to learn the server is down
+
+    data = load_dataset(**cfg.data)
+    train_split, test_split = data.train.to(device), data.test.to(device)
+
+    torch.manual_seed(cfg.train.seed)  # the article seeds right before the model initialises
+    model = instantiate(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes)
+    model = model.to(device)
+    optimizer = instantiate(cfg.optimizer, _convert_="all")(model.parameters())
+
+    tags = run_tags(cfg, device, data.checksum)
+    with start_run(uri, cfg.tracking.experiment, cfg.tracking.run_name, tags) as run:
+        run.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+        log_config_artifacts(run, cfg)
+        batches_per_epoch = -(-len(train_split) // cfg.train.batch_size)
+        progress = sys.stderr.isatty()
+        for epoch in range(cfg.train.epochs):
+            print(f"Starting epoch {epoch + 1}")
+            for batch, loss in train_one_epoch(
+                model, optimizer, train_split, cfg.train.batch_size, cfg.train.log_every, progress
+            ):
+                print(f"Loss after mini-batch {batch:5d}: {loss:.3f}")
+                run.log_metrics({"train_loss": loss}, step=epoch * batches_per_epoch + batch)
+            test_loss, accuracy = evaluate(model, test_split, cfg.train.eval_batch_size)
+            print(f"Epoch {epoch + 1}: test loss {test_loss:.4f}, test accuracy {accuracy:.2%}")
+            run.log_metrics(
+                {"test_loss": test_loss, "test_accuracy": accuracy, "epoch": epoch + 1},
+                step=(epoch + 1) * batches_per_epoch,
+            )
+        if cfg.tracking.log_model:
+            example = data.test.images[:2].numpy()  # (2, C, H, W): the input the model expects
+            model_uri = run.log_model(model.cpu(), example, requirements())
+            run.set_tags({"cnnlab.model_uri": model_uri})
+    print("Training process has finished.")
+    return accuracy
+
+
+def setup_hardware(hardware: DictConfig) -> torch.device:
+    """Apply threads/determinism settings and return the device to train on."""
+    if hardware.threads:
+        torch.set_num_threads(hardware.threads)
+    if hardware.deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; harmless on the CPU.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    name = hardware.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CnnlabError(
+            f"hardware.device={name} but no CUDA GPU is visible; use hardware=cpu or hardware=auto"
+        )
+    return torch.device(name)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay whole values."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def run_tags(cfg: DictConfig, device: torch.device, data_checksum: str) -> dict[str, str]:
+    """Tags that say what ran: code version, libraries, device, data and overrides."""
+    commit, dirty = git_state(Path(__file__).parent)
+    return {
+        "mlflow.source.git.commit": commit,
+        "cnnlab.git_dirty": dirty,
+        "cnnlab.version": __version__,
+        "cnnlab.torch_version": torch.__version__,
+        "cnnlab.device": str(device),
+        "cnnlab.dataset": cfg.data.name,
+        "cnnlab.dataset_md5": data_checksum,
+        "cnnlab.overrides": " ".join(command_line_overrides()),
+    }
+
+
+def git_state(path: Path) -> tuple[str, str]:
+    """(commit, "true"/"false" dirty) of the checkout holding `path`, or ("unknown", "unknown")."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "HEAD"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+        status = subprocess.run(
+            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", "unknown"
+    return commit, str(bool(status.strip())).lower()
+
+
+def command_line_overrides() -> list[str]:
+    """The overrides this job was launched with ([] outside a Hydra app, e.g. in tests)."""
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def log_config_artifacts(run: Any, cfg: DictConfig) -> None:
+    """Resolved config, overrides and Hydra's own config: what a reproduction reads back."""
+    run.log_dict(OmegaConf.to_container(cfg, resolve=True), "config/config.yaml")
+    run.log_dict(command_line_overrides(), "config/overrides.yaml")
+    if HydraConfig.initialized():
+        hydra_dir = Path(HydraConfig.get().runtime.output_dir) / HydraConfig.get().output_subdir
+        if hydra_dir.is_dir():
+            run.log_artifacts(hydra_dir, "hydra")
+
+
+def requirements() -> list[str]:
+    """What the logged model needs to load: the torch it was saved with."""
+    return [f"torch=={torch.__version__.split('+')[0]}"]
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Console entry point: a user error ends with one line on stderr and exit status 1."""
+    try:
+        return train(cfg)
+    except CnnlabError as exc:
+        sys.exit(f"cnnlab-train: error: {exc}")
+    except KeyboardInterrupt:
+        print("cnnlab-train: interrupted; the run is marked KILLED", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
