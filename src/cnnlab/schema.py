@@ -7,14 +7,17 @@ data is read or any MLflow run is created.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.errors import MissingConfigException
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from cnnlab import CnnlabError
 
@@ -126,12 +129,13 @@ def register() -> None:
     """Store the schemas under the names that conf/*.yaml extend."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    cs.store(group="model", name="convnet_schema", node=ConvNetConf)
-    cs.store(group="model", name="mlp_schema", node=MLPConf)
-    cs.store(group="optimizer", name="adam_schema", node=AdamConf)
-    cs.store(group="optimizer", name="sgd_schema", node=SGDConf)
-    cs.store(group="data", name="idx_schema", node=DataConf)
-    cs.store(group="hardware", name="hardware_schema", node=HardwareConf)
+    # Kept out of the option groups (model=..., ...) so that only real options are listed.
+    cs.store(group="schema/model", name="convnet", node=ConvNetConf)
+    cs.store(group="schema/model", name="mlp", node=MLPConf)
+    cs.store(group="schema/optimizer", name="adam", node=AdamConf)
+    cs.store(group="schema/optimizer", name="sgd", node=SGDConf)
+    cs.store(group="schema/data", name="idx", node=DataConf)
+    cs.store(group="schema/hardware", name="hardware", node=HardwareConf)
 
 
 # ----------------------------------------------------------------------- value checks (validate)
@@ -188,3 +192,23 @@ def validate(cfg: DictConfig) -> None:
             value = OmegaConf.to_container(value)
         if not ok(value):
             raise ConfigError(f"{key}={value} is invalid: expected {expected}; set {key}=<value>")
+
+
+def describe_config_error(exc: Exception) -> str:
+    """One line for a Hydra/OmegaConf composition error: the key, what is wrong, the fix."""
+    cause = exc.__cause__
+    key = getattr(cause, "full_key", None)
+    if isinstance(exc, MissingConfigException) and exc.options:
+        group, _, option = (exc.missing_cfg_file or "").rpartition("/")
+        return f"{group}={option} is not an option; choose one of {', '.join(exc.options)}"
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
+        parent, _, name = key.rpartition(".")
+        schema = getattr(cause, "object_type", None)  # the dataclass that lacks the key
+        siblings = [f.name for f in fields(schema)] if is_dataclass(schema) else []
+        guess = difflib.get_close_matches(name, siblings, n=1)
+        hint = f"did you mean {parent}.{guess[0]}?" if guess else f"valid keys: {', '.join(siblings)}"
+        return f"{key} is not a config key; {hint} (`cnnlab-train --cfg job` lists them all)"
+    if isinstance(cause, OmegaConfBaseException) and key:
+        return f"{key}: {str(cause).splitlines()[0]}"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{first} (see `cnnlab-train --help` for the override syntax)"

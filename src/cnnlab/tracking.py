@@ -116,10 +116,23 @@ class Tracker:
         return info.model_uri
 
 
-def load_model(model_uri: str, tracking_uri: str) -> Any:
-    """Load a logged model back as a torch module."""
+class LoadedModel(torch.nn.Module):
+    """A logged model as an ordinary module: (B, C, H, W) images -> (B, classes) logits."""
+
+    def __init__(self, program: Any) -> None:
+        super().__init__()
+        # Held outside the module tree: an exported program refuses .train() and .eval().
+        self.__dict__["program"] = program
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the logged network."""
+        return self.program(x)
+
+
+def load_model(model_uri: str, tracking_uri: str) -> torch.nn.Module:
+    """Load a logged model (models:/ or runs:/ URI) back as a CPU torch module."""
     mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    return LoadedModel(mlflow.pytorch.load_model(model_uri, map_location="cpu"))
 
 
 @contextmanager

@@ -16,8 +16,10 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab import CnnlabError, __version__, schema
 from cnnlab.data import load_dataset
@@ -156,12 +158,22 @@ def requirements() -> list[str]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Console entry point: a user error ends with one line on stderr and exit status 1."""
+def hydra_main(cfg: DictConfig) -> float:
+    """The Hydra task: one job of a run or a sweep."""
     try:
         return train(cfg)
-    except CnnlabError as exc:
+    except CnnlabError as exc:  # here, not in main(), so Hydra adds no report of its own
         sys.exit(f"cnnlab-train: error: {exc}")
+
+
+def main() -> None:
+    """Console entry point: a user error ends with one line on stderr and exit status 1."""
+    # Hydra would print its own multi-line report; let errors reach us to print one line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra_main()
+    except (HydraException, OmegaConfBaseException) as exc:
+        sys.exit(f"cnnlab-train: error: {schema.describe_config_error(exc)}")
     except KeyboardInterrupt:
         print("cnnlab-train: interrupted; the run is marked KILLED", file=sys.stderr)
         sys.exit(130)

