@@ -111,6 +111,8 @@ def _isolated_env(monkeypatch):
 
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment for a cnnlab-train subprocess: the test's own, minus user tracking settings."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CNNLAB_DATA_ROOT")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CNNLAB_DATA_ROOT")
+    }
     env.update(extra)
     return env

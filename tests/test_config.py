@@ -29,9 +29,7 @@ def test_each_group_has_the_options_the_readme_promises():
     }
 
 
-@pytest.mark.parametrize(
-    "group,option", [(g, o) for g, options in GROUPS.items() for o in options]
-)
+@pytest.mark.parametrize("group,option", [(g, o) for g, options in GROUPS.items() for o in options])
 def test_every_option_composes_and_validates(compose_cfg, group, option):
     cfg = compose_cfg([f"{group}={option}"])
     schema.validate(cfg)
@@ -128,3 +126,14 @@ def test_cli_rejects_bad_values_before_creating_a_store(tmp_path, override, expe
 def test_env_var_sets_the_data_root(compose_cfg, monkeypatch):
     monkeypatch.setenv("CNNLAB_DATA_ROOT", "/datasets")
     assert compose_cfg().data.root == "/datasets"
+
+
+def test_help_lists_every_option_of_every_group(tmp_path):
+    done = subprocess.run(
+        [BIN / "cnnlab-train", "--help"], cwd=tmp_path, capture_output=True, text=True,
+        env=cli_env(), timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0
+    for group, options in GROUPS.items():
+        line = next(ln for ln in done.stdout.splitlines() if ln.startswith(f"{group}: "))
+        assert sorted(line.split(": ", 1)[1].split(", ")) == options

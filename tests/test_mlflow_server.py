@@ -59,7 +59,9 @@ def test_a_run_goes_to_the_server_with_one_setting(tiny_overrides, tmp_path, mlf
     [run] = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [
-        20, 40, 60
+        20,
+        40,
+        60,
     ]
     model = load_model(run.data.tags["cnnlab.model_uri"], mlflow_server)
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)

@@ -30,7 +30,10 @@ def test_models_map_images_to_logits(model):
 
 
 def test_models_follow_the_datas_shape_and_classes():
-    assert ConvNet(in_shape=(3, 32, 32), num_classes=100)(torch.rand(2, 3, 32, 32)).shape == (2, 100)
+    assert ConvNet(in_shape=(3, 32, 32), num_classes=100)(torch.rand(2, 3, 32, 32)).shape == (
+        2,
+        100,
+    )
     assert MLP(in_shape=(3, 32, 32), num_classes=7)(torch.rand(2, 3, 32, 32)).shape == (2, 7)
 
 

@@ -72,6 +72,6 @@ def test_default_config_logs_the_articles_losses(compose_cfg, tiny_data, tiny_ov
     run = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])[0]
     logged = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert len(logged) == len(expected) == 2 * 600 // 10 // 20
-    for ours, theirs in zip(logged, expected):
+    for ours, theirs in zip(logged, expected, strict=True):
         assert abs(ours - theirs) < 1e-6, (logged, expected)
     assert expected[-1] < expected[0]  # the synthetic task is learnable: losses really moved

@@ -9,4 +9,4 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 
 class CnnlabError(Exception):
-    """A problem the user can fix (bad config, missing data, unreachable store): one line, no trace."""
+    """A problem the user can fix (bad config, missing data, unreachable store): one line."""

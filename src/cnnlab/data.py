@@ -261,7 +261,9 @@ def _copy_from(folder: Path) -> Callable[[Path, Sequence[str]], None]:
         for file_name in names:
             found = _find(folder, file_name)
             if found is None:
-                raise DataError(f"{folder / file_name}[.gz] not found (is its Debian package installed?)")
+                raise DataError(
+                    f"{folder / file_name}[.gz] not found (is its Debian package installed?)"
+                )
             shutil.copyfile(found, staging / found.name)
 
     return copy

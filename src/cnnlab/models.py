@@ -40,11 +40,15 @@ class ConvNet(nn.Module):
         for out_channels in conv_channels:
             layers += [nn.Conv2d(channels, out_channels, kernel_size), nn.ReLU()]
             # No padding: each conv trims kernel_size - 1 pixels from each side's length.
-            channels, height, width = out_channels, height - kernel_size + 1, width - kernel_size + 1
+            channels, height, width = (
+                out_channels,
+                height - kernel_size + 1,
+                width - kernel_size + 1,
+            )
         if height < 1 or width < 1:
             raise CnnlabError(
                 f"model.conv_channels={list(conv_channels)} with model.kernel_size={kernel_size} "
-                f"shrinks a {in_shape[1]}x{in_shape[2]} image to nothing: use fewer or smaller convs"
+                f"shrinks a {in_shape[1]}x{in_shape[2]} image to nothing: use fewer/smaller convs"
             )
         layers.append(nn.Flatten())
         layers += _dense_head(channels * height * width, hidden, num_classes)

@@ -206,7 +206,9 @@ def describe_config_error(exc: Exception) -> str:
         schema = getattr(cause, "object_type", None)  # the dataclass that lacks the key
         siblings = [f.name for f in fields(schema)] if is_dataclass(schema) else []
         guess = difflib.get_close_matches(name, siblings, n=1)
-        hint = f"did you mean {parent}.{guess[0]}?" if guess else f"valid keys: {', '.join(siblings)}"
+        hint = (
+            f"did you mean {parent}.{guess[0]}?" if guess else f"valid keys: {', '.join(siblings)}"
+        )
         return f"{key} is not a config key; {hint} (`cnnlab-train --cfg job` lists them all)"
     if isinstance(cause, OmegaConfBaseException) and key:
         return f"{key}: {str(cause).splitlines()[0]}"

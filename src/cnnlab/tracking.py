@@ -38,7 +38,7 @@ def resolve_uri(uri: str | None, launch_dir: Path) -> str:
         return f"sqlite:///{(launch_dir / 'mlflow.db').resolve()}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         # A relative SQLite path would follow the process's cwd; pin it to the launch directory.
-        return f"sqlite:///{(launch_dir / uri[len('sqlite:///'):]).resolve()}"
+        return f"sqlite:///{(launch_dir / uri[len('sqlite:///') :]).resolve()}"
     return uri
 
 
@@ -172,4 +172,3 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
         # Artifacts beside the database file, so the store is one movable folder.
         artifact_location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
     return client.create_experiment(name, artifact_location=artifact_location)
-

@@ -1,8 +1,8 @@
 """cnnlab-train: compose the config, train the model, log the run to MLflow.
 
-    cnnlab-train                                  # the article's run
-    cnnlab-train optimizer=sgd train.epochs=2     # any key can be overridden
-    cnnlab-train -m optimizer.lr=1e-3,1e-4        # a sweep, under multirun/
+cnnlab-train                                  # the article's run
+cnnlab-train optimizer=sgd train.epochs=2     # any key can be overridden
+cnnlab-train -m optimizer.lr=1e-3,1e-4        # a sweep, under multirun/
 """
 
 from __future__ import annotations
