@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab import CnnlabError, __version__, schema
 from cnnlab.data import load_dataset
-from cnnlab.loop import evaluate, train_one_epoch
+from cnnlab.loop import evaluate, flat_parameters, train_one_epoch
 from cnnlab.tracking import check_reachable, resolve_uri, start_run
 
 # An installed wheel carries conf/ inside the package; a source checkout (pip install -e) reads
@@ -47,7 +47,7 @@ def train(cfg: DictConfig) -> float:
     torch.manual_seed(cfg.train.seed)  # the article seeds right before the model initialises
     model = instantiate(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes)
     model = model.to(device)
-    optimizer = instantiate(cfg.optimizer, _convert_="all")(model.parameters())
+    optimizer = instantiate(cfg.optimizer, _convert_="all")([flat_parameters(model)])
 
     tags = run_tags(cfg, device, data.checksum)
     with start_run(uri, cfg.tracking.experiment, cfg.tracking.run_name, tags) as run:
