@@ -141,3 +141,11 @@ def test_default_store_is_sqlite_in_the_launch_directory(tiny_overrides, tmp_pat
     client, run = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
     assert f"sqlite:///{tmp_path / 'mlflow.db'}" in done.stdout
+
+
+def test_tracking_off_trains_without_touching_a_store(tiny_overrides, tmp_path):
+    overrides = [o for o in tiny_overrides if not o.startswith("tracking.uri=")]
+    done = run_cli([*overrides, "tracking.enabled=false"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Epoch 1: test loss" in done.stdout
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()

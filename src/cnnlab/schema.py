@@ -109,10 +109,19 @@ class TrainConf:
 
 @dataclass
 class TrackingConf:
+    enabled: bool = MISSING  # false: log nothing (benchmarks, debugging)
     uri: str | None = None  # None: a SQLite store mlflow.db in the launch directory
     experiment: str = MISSING
     run_name: str | None = None
     log_model: bool = MISSING
+
+
+@dataclass
+class BenchConf:
+    batches: int = MISSING  # mini-batches per timed measurement
+    rounds: int = MISSING  # alternating rounds per comparison; the median is reported
+    batch_sizes: list[int] = MISSING
+    sections: list[str] = MISSING
 
 
 @dataclass
@@ -123,6 +132,7 @@ class Config:
     hardware: HardwareConf = MISSING
     train: TrainConf = MISSING
     tracking: TrackingConf = MISSING
+    bench: BenchConf | None = None  # set by conf/bench.yaml for cnnlab-bench only
 
 
 def register() -> None:

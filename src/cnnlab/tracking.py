@@ -7,6 +7,9 @@ carries over from one run to the next.
 
 from __future__ import annotations
 
+import copy
+import os
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -95,7 +98,11 @@ class Tracker:
 
     def log_model(self, model: Any, input_example: np.ndarray, requirements: list[str]) -> str:
         """Log `model` as an MLflow PyTorch model; return the URI that loads it."""
-        model.eval()
+        # A copy whose parameters own their storage: in training they are views into one flat
+        # buffer (loop.flat_parameters), which the exported program would store whole per view.
+        model = copy.deepcopy(model).cpu().eval()
+        for p in model.parameters():
+            p.data = p.data.clone()
         with torch.no_grad():
             output = model(torch.from_numpy(input_example)).cpu().numpy()
         # mlflow.pytorch.log_model resolves its store from the global tracking URI.
@@ -135,12 +142,24 @@ def load_model(model_uri: str, tracking_uri: str) -> torch.nn.Module:
     return LoadedModel(mlflow.pytorch.load_model(model_uri, map_location="cpu"))
 
 
+class NullTracker:
+    """Stands in for a Tracker when tracking is off (tracking.enabled=false): logs nothing."""
+
+    run_id = None
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
 @contextmanager
 def start_run(
-    uri: str, experiment: str, run_name: str | None, tags: Mapping[str, str]
-) -> Iterator[Tracker]:
+    uri: str, experiment: str, run_name: str | None, tags: Mapping[str, str], enabled: bool = True
+) -> Iterator[Tracker | NullTracker]:
     """Open a run and always close it: FINISHED, FAILED (with the reason) or KILLED (Ctrl-C)."""
-    check_reachable(uri)
+    if not enabled:
+        yield NullTracker()
+        return
+    _seed_sqlite_store(uri)
     client = MlflowClient(tracking_uri=uri)
     try:
         experiment_id = _experiment_id(client, uri, experiment)
@@ -161,6 +180,31 @@ def start_run(
         raise
     finally:
         client.set_terminated(run.info.run_id, status)
+
+
+def _seed_sqlite_store(uri: str) -> None:
+    """Start a new SQLite store as a copy of an empty, already migrated one.
+
+    Creating a store runs MLflow's schema migrations (seconds); the migrated empty store is made
+    once per MLflow version in ~/.cache/cnnlab and copied from then on.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    target = Path(uri[len("sqlite:///") :])
+    if target.exists():
+        return
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cnnlab"
+    template = cache / f"mlflow-{mlflow.__version__}-empty.db"
+    try:
+        if not template.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            staging = cache / f".{template.name}.{os.getpid()}"
+            MlflowClient(f"sqlite:///{staging}").search_experiments()  # runs the migrations
+            staging.replace(template)  # atomic: a concurrent job sees all of it or nothing
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, target)
+    except OSError:
+        pass  # no cache: MLflow migrates the new store itself, only slower
 
 
 def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:

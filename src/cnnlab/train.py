@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ def train(cfg: DictConfig) -> float:
     schema.validate(cfg)
     device = setup_hardware(cfg.hardware)
     uri = resolve_uri(cfg.tracking.uri, Path.cwd())
-    check_reachable(uri)  # seconds, not a whole epoch, to learn the server is down
+    if cfg.tracking.enabled:
+        check_reachable(uri)  # seconds, not a whole epoch, to learn the server is down
 
     data = load_dataset(**cfg.data)
     train_split, test_split = data.train.to(device), data.test.to(device)
@@ -50,7 +52,9 @@ def train(cfg: DictConfig) -> float:
     optimizer = instantiate(cfg.optimizer, _convert_="all")([flat_parameters(model)])
 
     tags = run_tags(cfg, device, data.checksum)
-    with start_run(uri, cfg.tracking.experiment, cfg.tracking.run_name, tags) as run:
+    with start_run(
+        uri, cfg.tracking.experiment, cfg.tracking.run_name, tags, cfg.tracking.enabled
+    ) as run:
         run.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
         log_config_artifacts(run, cfg)
         batches_per_epoch = -(-len(train_split) // cfg.train.batch_size)
@@ -70,7 +74,7 @@ def train(cfg: DictConfig) -> float:
             )
         if cfg.tracking.log_model:
             example = data.test.images[:2].numpy()  # (2, C, H, W): the input the model expects
-            model_uri = run.log_model(model.cpu(), example, requirements())
+            model_uri = run.log_model(model, example, requirements())
             run.set_tags({"cnnlab.model_uri": model_uri})
     print("Training process has finished.")
     return accuracy
@@ -146,7 +150,7 @@ def log_config_artifacts(run: Any, cfg: DictConfig) -> None:
     """Resolved config, overrides and Hydra's own config: what a reproduction reads back."""
     run.log_dict(OmegaConf.to_container(cfg, resolve=True), "config/config.yaml")
     run.log_dict(command_line_overrides(), "config/overrides.yaml")
-    if HydraConfig.initialized():
+    if HydraConfig.initialized() and HydraConfig.get().output_subdir is not None:
         hydra_dir = Path(HydraConfig.get().runtime.output_dir) / HydraConfig.get().output_subdir
         if hydra_dir.is_dir():
             run.log_artifacts(hydra_dir, "hydra")
@@ -166,17 +170,22 @@ def hydra_main(cfg: DictConfig) -> float:
         sys.exit(f"cnnlab-train: error: {exc}")
 
 
-def main() -> None:
-    """Console entry point: a user error ends with one line on stderr and exit status 1."""
+def run_cli(prog: str, hydra_task: Callable[[], Any]) -> None:
+    """Run a @hydra.main task so that a config error ends with one line and exit status 1."""
     # Hydra would print its own multi-line report; let errors reach us to print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        hydra_main()
+        hydra_task()
     except (HydraException, OmegaConfBaseException) as exc:
-        sys.exit(f"cnnlab-train: error: {schema.describe_config_error(exc)}")
+        sys.exit(f"{prog}: error: {schema.describe_config_error(exc)}")
     except KeyboardInterrupt:
-        print("cnnlab-train: interrupted; the run is marked KILLED", file=sys.stderr)
+        print(f"{prog}: interrupted; an open run is marked KILLED", file=sys.stderr)
         sys.exit(130)
+
+
+def main() -> None:
+    """Console entry point of cnnlab-train."""
+    run_cli("cnnlab-train", hydra_main)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,381 @@
+"""cnnlab-bench: how fast cnnlab trains, measured against the article's own loop.
+
+    cnnlab-bench data.root=../shared/data                 # every section, on this machine
+    cnnlab-bench bench.sections=[article] hardware=cuda   # one section, on a GPU
+
+Each comparison alternates its two sides for bench.rounds rounds in one process, so machine noise
+hits both alike, and reports medians. The article's side is its script's loop: torchvision MNIST
+with ToTensor, a shuffled DataLoader with one worker, Adam, a .item() per step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cnnlab import CnnlabError, schema
+from cnnlab.data import Dataset, load_dataset
+from cnnlab.loop import flat_parameters, train_one_epoch
+from cnnlab.models import ConvNet
+from cnnlab.train import CONF_DIR, run_cli, setup_hardware, train
+
+
+def article_training(
+    root: Path, batches: int, log_every: int, device: torch.device
+) -> tuple[list[float], float]:
+    """The article's __main__ loop for `batches` mini-batches: (mean losses, seconds)."""
+    try:
+        from torchvision import transforms
+        from torchvision.datasets import MNIST
+    except ImportError as exc:
+        raise CnnlabError("the article's loop needs torchvision: pip install torchvision") from exc
+    torch.manual_seed(42)
+    dataset = MNIST(str(root), download=False, transform=transforms.ToTensor())
+    start = time.perf_counter()  # from here on, as cnnlab's side: data already in memory
+    trainloader = torch.utils.data.DataLoader(dataset, batch_size=10, shuffle=True, num_workers=1)
+    convnet = ConvNet().to(device)  # the article's layers, in its order (tests/test_models.py)
+    loss_function = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(convnet.parameters(), lr=1e-4)
+    losses, current_loss = [], 0.0
+    for i, (inputs, targets) in enumerate(trainloader):
+        inputs, targets = inputs.to(device), targets.to(device)
+        optimizer.zero_grad()
+        loss = loss_function(convnet(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        current_loss += loss.item()
+        if i % log_every == log_every - 1:
+            losses.append(current_loss / log_every)
+            current_loss = 0.0
+        if i + 1 == batches:
+            break
+    return losses, time.perf_counter() - start
+
+
+def cnnlab_training(
+    cfg: DictConfig, data: Dataset, batches: int, device: torch.device
+) -> tuple[list[float], float]:
+    """cnnlab-train's loop with `cfg` for `batches` mini-batches: (mean losses, seconds)."""
+    train_split = data.train.to(device)
+    _sync(device)
+    start = time.perf_counter()
+    torch.manual_seed(cfg.train.seed)
+    model = instantiate(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes)
+    model = model.to(device)
+    optimizer = instantiate(cfg.optimizer, _convert_="all")([flat_parameters(model)])
+    losses = []
+    for batch, loss in train_one_epoch(
+        model, optimizer, train_split, cfg.train.batch_size, cfg.train.log_every
+    ):
+        losses.append(loss)
+        if batch >= batches:
+            break
+    _sync(device)
+    return losses, time.perf_counter() - start
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def flops_per_sample(cfg: DictConfig, in_shape: tuple[int, ...], num_classes: int) -> float:
+    """Forward + backward FLOPs of one training sample, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = instantiate(cfg.model, in_shape=in_shape, num_classes=num_classes)
+    x, y = torch.rand(8, *in_shape), torch.randint(0, num_classes, (8,))
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    return counter.get_total_flops() / 8
+
+
+def cpu_peak_flops() -> tuple[float, str]:
+    """This CPU's fp32 peak: cores x 2 FMA units x SIMD lanes x 2 FLOPs x clock."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
+    lanes = 16 if " avx512f" in flags else 8 if " avx2" in flags else 4
+    mhz = [float(ln.split(":")[1]) for ln in info.splitlines() if ln.startswith("cpu MHz")]
+    ghz = (max(mhz) if mhz else 2000.0) / 1000
+    cores = os.cpu_count() or 1
+    peak = cores * 2 * lanes * 2 * ghz * 1e9
+    return peak, f"{cores} cores x 2 FMA x {lanes} fp32 lanes x 2 FLOPs x {ghz:.2f} GHz"
+
+
+def alternate(rounds: int, sides: dict[str, Callable[[], float]]) -> dict[str, float]:
+    """Run each side once per round, in turn; the median of each side's results."""
+    results: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, side in sides.items():
+            results[name].append(side())
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+# ------------------------------------------------------------------------------------- sections
+def section_article(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
+    """Samples/s of the article's loop against cnnlab's default loop, same batches."""
+    batches = cfg.bench.batches - cfg.bench.batches % cfg.train.log_every or cfg.train.log_every
+    seen: dict[str, list[float]] = {}
+
+    def side(name: str, fn: Callable[[], tuple[list[float], float]]) -> Callable[[], float]:
+        def measure() -> float:
+            losses, seconds = fn()
+            seen[name] = losses
+            return batches * 10 / seconds
+
+        return measure
+
+    rates = alternate(
+        cfg.bench.rounds,
+        {
+            "article": side(
+                "article",
+                lambda: article_training(data.raw_dir.parent.parent, batches, 500, device),
+            ),
+            "cnnlab": side("cnnlab", lambda: cnnlab_training(cfg, data, batches, device)),
+        },
+    )
+    diff = max(abs(a - b) for a, b in zip(seen["article"], seen["cnnlab"], strict=True))
+    return [
+        f"article loop vs cnnlab default ({batches} mini-batches of 10, {device}):",
+        f"  article  {rates['article']:9.0f} samples/s",
+        f"  cnnlab   {rates['cnnlab']:9.0f} samples/s   "
+        f"ratio {rates['cnnlab'] / rates['article']:.2f}x",
+        f"  losses every 500 batches: max |difference| {diff:.2e} "
+        f"over {len(seen['cnnlab'])} values",
+    ]
+
+
+def section_tracking(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
+    """Wall time of a 1-epoch run with MLflow logging on and off."""
+    store = Path(tempfile.mkdtemp(prefix="cnnlab-bench-")) / "mlflow.db"
+    quiet = _Quiet()
+
+    def one_epoch(enabled: bool) -> Callable[[], float]:
+        def measure() -> float:
+            run_cfg = OmegaConf.merge(
+                cfg,
+                {
+                    "train": {"epochs": 1},
+                    "tracking": {"enabled": enabled, "uri": f"sqlite:///{store}"},
+                },
+            )
+            start = time.perf_counter()
+            with quiet:
+                train(run_cfg)
+            return time.perf_counter() - start
+
+        return measure
+
+    one_epoch(True)()  # creates the store, so both sides then write to an existing one
+    seconds = alternate(cfg.bench.rounds, {"on": one_epoch(True), "off": one_epoch(False)})
+    overhead = (seconds["on"] - seconds["off"]) / seconds["off"]
+    return [
+        f"MLflow logging, 1-epoch run (params, {60000 // 10 // 500} losses, test metrics, model):",
+        f"  tracking off {seconds['off']:7.2f} s",
+        f"  tracking on  {seconds['on']:7.2f} s   overhead {overhead:+.1%}",
+    ]
+
+
+_BIG_IMPORTS = ("import torch", "import torchvision", "import mlflow")
+
+
+def section_startup(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
+    """Seconds from process start to the first training step, by phase, in fresh processes."""
+    folder = Path(tempfile.mkdtemp(prefix="cnnlab-bench-"))
+    env = dict(os.environ, XDG_CACHE_HOME=str(folder / "cache"))  # no pre-migrated store yet
+    lines = ["Start-up, process start to first training step (seconds):"]
+    for label, store in (
+        ("new store, first ever", "a.db"),
+        ("new store, template cached", "b.db"),
+        ("existing store", "b.db"),
+    ):
+        probe = subprocess.run(
+            [sys.executable, "-c", _STARTUP_PROBE, str(folder / store),
+             str(data.raw_dir.parent.parent)],
+            capture_output=True, text=True, env=env, check=True,
+        )  # fmt: skip
+        phases = json.loads(probe.stdout.strip().splitlines()[-1])
+        beyond = sum(v for k, v in phases.items() if k not in _BIG_IMPORTS)
+        lines.append(
+            f"  {label:27s} "
+            + "  ".join(f"{k} {v:.2f}" for k, v in phases.items())
+            + f"  | beyond torch/torchvision/mlflow imports {beyond:.2f}"
+        )
+    return lines
+
+
+# Run with `python -c` in a fresh interpreter, so each import is timed from a cold start; it
+# imports nothing before the first mark. argv: store path, data root. Prints seconds per phase.
+_STARTUP_PROBE = """
+import json, sys, time
+marks, last = {}, time.perf_counter()
+def mark(name):
+    global last
+    now = time.perf_counter(); marks[name] = now - last; last = now
+import torch; mark("import torch")
+import torchvision; mark("import torchvision")
+import mlflow; mark("import mlflow")
+from cnnlab.bench import probe_first_step; mark("import cnnlab+hydra")
+probe_first_step(sys.argv[1], sys.argv[2], mark)
+print(json.dumps(marks))
+"""
+
+
+def probe_first_step(store: str, data_root: str, mark: Callable[[str], None]) -> None:
+    """cnnlab-train's start-up, phase by phase, up to the end of the first training step."""
+    from hydra import compose, initialize_config_dir
+
+    from cnnlab import train as train_module
+    from cnnlab.tracking import start_run
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"data.root={data_root}", "hardware=cpu"])
+    schema.validate(cfg)
+    mark("compose")
+    with _Quiet(), start_run(f"sqlite:///{store}", "startup", None, {}) as run:
+        run.log_params(train_module.flatten(OmegaConf.to_container(cfg)))
+        mark("store+run")
+        data = load_dataset(**cfg.data)
+        mark("data")
+        torch.manual_seed(0)
+        model = instantiate(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes)
+        optimizer = instantiate(cfg.optimizer, _convert_="all")([flat_parameters(model)])
+        optimizer.zero_grad(set_to_none=False)
+        F.cross_entropy(model(data.train.images[:10]), data.train.labels[:10]).backward()
+        optimizer.step()
+        mark("first step")
+
+
+def section_batch_sizes(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
+    """Samples/s at several batch sizes and the fraction of the CPU's arithmetic peak."""
+    flops = flops_per_sample(cfg, data.in_shape, data.num_classes)
+    peak, how = cpu_peak_flops() if device.type == "cpu" else (float("nan"), "n/a on GPU")
+    lines = [
+        f"Batch sizes ({flops / 1e6:.2f} MFLOP per training sample, fwd+bwd; "
+        f"peak {peak / 1e9:.0f} GFLOP/s = {how}):"
+    ]
+    samples = cfg.bench.batches * 10
+
+    def rate_at(batch_size: int) -> Callable[[], float]:
+        batches = max(samples // batch_size, 1)
+        # One loss read-back at the end: nothing but training is timed.
+        run_cfg = OmegaConf.merge(cfg, {"train": {"batch_size": batch_size, "log_every": batches}})
+        return lambda: batches * batch_size / cnnlab_training(run_cfg, data, batches, device)[1]
+
+    for batch_size in cfg.bench.batch_sizes:
+        rate = alternate(cfg.bench.rounds, {"x": rate_at(batch_size)})["x"]
+        lines.append(
+            f"  batch {batch_size:4d}  {rate:9.0f} samples/s  "
+            f"{rate * flops / 1e9:7.2f} GFLOP/s  {rate * flops / peak:6.1%} of peak"
+        )
+    return lines
+
+
+def section_parallel(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
+    """Throughput of two single-threaded training processes at once against one alone."""
+    batches = cfg.bench.batches
+    code = (
+        "import sys, torch; torch.set_num_threads(1); from cnnlab.bench import parallel_probe; "
+        "parallel_probe()"
+    )
+
+    def jobs(n: int) -> float:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, str(data.raw_dir.parent.parent), str(batches)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for _ in range(n)
+        ]
+        return sum(float(p.communicate()[0].strip().splitlines()[-1]) for p in procs)
+
+    rates = alternate(cfg.bench.rounds, {"one": lambda: jobs(1), "two": lambda: jobs(2)})
+    return [
+        f"Parallel jobs (1 torch thread each, {batches} mini-batches of 10):",
+        f"  one job   {rates['one']:9.0f} samples/s",
+        f"  two jobs  {rates['two']:9.0f} samples/s together   {rates['two'] / rates['one']:.2f}x",
+    ]
+
+
+def parallel_probe() -> None:
+    """Run by section_parallel in its own process: print this job's samples/s."""
+    data_root, batches = sys.argv[1], int(sys.argv[2])
+    with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = hydra.compose("config", overrides=[f"data.root={data_root}", "hardware=cpu"])
+    data = load_dataset(**cfg.data)
+    _, seconds = cnnlab_training(cfg, data, batches, torch.device("cpu"))
+    print(batches * cfg.train.batch_size / seconds)
+
+
+SECTIONS = {
+    "article": section_article,
+    "tracking": section_tracking,
+    "startup": section_startup,
+    "batch_sizes": section_batch_sizes,
+    "parallel": section_parallel,
+}
+
+
+class _Quiet:
+    """Silence stdout while a measured run prints its progress."""
+
+    def __enter__(self) -> None:
+        self._stdout = sys.stdout
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+
+    def __exit__(self, *exc: Any) -> None:
+        sys.stdout.close()
+        sys.stdout = self._stdout
+
+
+def run_bench(cfg: DictConfig) -> None:
+    """Print the benchmark table for the sections in cfg.bench.sections."""
+    schema.validate(cfg)
+    unknown = set(cfg.bench.sections) - set(SECTIONS)
+    if unknown:
+        raise CnnlabError(f"bench.sections has {sorted(unknown)}; choose from {list(SECTIONS)}")
+    device = setup_hardware(cfg.hardware)
+    data = load_dataset(**cfg.data)
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+         if ln.startswith("model name")),
+        platform.processor(),
+    ) if Path("/proc/cpuinfo").exists() else platform.processor()  # fmt: skip
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    print(f"cnnlab-bench: {where}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
+    print(f"torch {torch.__version__}, data {data.raw_dir}, medians of {cfg.bench.rounds} rounds")
+    for name in cfg.bench.sections:
+        print()
+        for line in SECTIONS[name](cfg, data, device):
+            print(line, flush=True)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
+def hydra_main(cfg: DictConfig) -> None:
+    """The Hydra task behind cnnlab-bench."""
+    try:
+        run_bench(cfg)
+    except CnnlabError as exc:
+        sys.exit(f"cnnlab-bench: error: {exc}")
+
+
+def main() -> None:
+    """Console entry point of cnnlab-bench."""
+    run_cli("cnnlab-bench", hydra_main)
