@@ -164,3 +164,14 @@ def test_existing_files_in_a_read_only_root_are_used_in_place(tmp_path):
     before = sorted(p.name for p in tmp_path.rglob("*"))
     load(tmp_path / "ro", md5, mirrors=["http://127.0.0.1:9/"])
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written beside them
+
+
+def test_a_sweep_process_reads_a_dataset_once_until_a_file_changes(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    md5 = write_dataset(raw, n_train=50, n_test=20)
+    first = load(tmp_path, md5)
+    assert load(tmp_path, md5) is first  # second job of a sweep: no re-read, no re-hash
+    path = raw / FILES["test_labels"]
+    path.write_bytes(path.read_bytes()[:-1] + b"\x09")  # same size, new content and mtime
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        load(tmp_path, md5)

@@ -8,6 +8,7 @@ carries over from one run to the next.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import time
@@ -21,7 +22,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
@@ -65,6 +66,12 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 class Tracker:
     """Writes one MLflow run: params, metrics, tags, artifacts and the model."""
 
+    @classmethod
+    def attach(cls, uri: str, run_id: str) -> Tracker:
+        """A Tracker for an existing run (a sweep's parent, a resumed run)."""
+        client = MlflowClient(tracking_uri=uri)
+        return cls(client, uri, run_id, client.get_run(run_id).info.experiment_id)
+
     def __init__(self, client: MlflowClient, uri: str, run_id: str, experiment_id: str) -> None:
         self.client = client
         self.uri = uri
@@ -95,6 +102,35 @@ class Tracker:
     def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
         """Copy a folder into the run's artifacts."""
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def end(self, status: str) -> None:
+        """Close the run as FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(self.run_id, status)
+
+    def children(self) -> list[dict[str, Any]]:
+        """The runs whose parent is this run, oldest first, as plain dicts (`values`: what the
+        sweep set for the run)."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}'",
+            order_by=["attributes.start_time ASC"],
+        )
+        return [
+            {
+                "run_id": r.info.run_id,
+                "run_name": r.info.run_name,
+                "status": r.info.status,
+                "params": dict(r.data.params),
+                "metrics": dict(r.data.metrics),
+                "error": r.data.tags.get("cnnlab.error", ""),
+                "values": json.loads(r.data.tags.get("cnnlab.sweep_values", "{}")),
+            }
+            for r in runs
+        ]
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Store a text artifact."""
+        self.client.log_text(self.run_id, text, artifact_file)
 
     def log_model(self, model: Any, input_example: np.ndarray, requirements: list[str]) -> str:
         """Log `model` as an MLflow PyTorch model; return the URI that loads it."""
@@ -151,6 +187,19 @@ class NullTracker:
         return lambda *args, **kwargs: None
 
 
+def create_run(uri: str, experiment: str, run_name: str | None, tags: Mapping[str, str]) -> Tracker:
+    """Create a RUNNING run (in a new store or experiment if need be); the caller ends it."""
+    _seed_sqlite_store(uri)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        experiment_id = _experiment_id(client, uri, experiment)
+        run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+    except mlflow.exceptions.MlflowException as exc:
+        raise TrackingError(f"cannot open a run in {uri}: {exc.message.splitlines()[0]}") from exc
+    print(f"MLflow run {run.info.run_name} ({run.info.run_id}) in {uri}")
+    return Tracker(client, uri, run.info.run_id, experiment_id)
+
+
 @contextmanager
 def start_run(
     uri: str, experiment: str, run_name: str | None, tags: Mapping[str, str], enabled: bool = True
@@ -159,27 +208,19 @@ def start_run(
     if not enabled:
         yield NullTracker()
         return
-    _seed_sqlite_store(uri)
-    client = MlflowClient(tracking_uri=uri)
-    try:
-        experiment_id = _experiment_id(client, uri, experiment)
-        run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
-    except mlflow.exceptions.MlflowException as exc:
-        raise TrackingError(f"cannot open a run in {uri}: {exc.message.splitlines()[0]}") from exc
-    tracker = Tracker(client, uri, run.info.run_id, experiment_id)
-    print(f"MLflow run {run.info.run_name} ({run.info.run_id}) in {uri}")
-    status = RunStatus.to_string(RunStatus.FAILED)
+    tracker = create_run(uri, experiment, run_name, tags)
+    status = "FAILED"
     try:
         yield tracker
-        status = RunStatus.to_string(RunStatus.FINISHED)
+        status = "FINISHED"
     except KeyboardInterrupt:
-        status = RunStatus.to_string(RunStatus.KILLED)
+        status = "KILLED"
         raise
     except BaseException as exc:
-        client.set_tag(run.info.run_id, "cnnlab.error", f"{type(exc).__name__}: {exc}"[:5000])
+        tracker.set_tags({"cnnlab.error": f"{type(exc).__name__}: {exc}"[:5000]})
         raise
     finally:
-        client.set_terminated(run.info.run_id, status)
+        tracker.end(status)
 
 
 def _seed_sqlite_store(uri: str) -> None:

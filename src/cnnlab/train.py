@@ -22,9 +22,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cnnlab import CnnlabError, __version__, schema
+from cnnlab import CnnlabError, __version__, schema, sweep
 from cnnlab.data import load_dataset
 from cnnlab.loop import evaluate, flat_parameters, train_one_epoch
+from cnnlab.sweep import failure_is_a_value, in_sweep, job_tags
 from cnnlab.tracking import check_reachable, resolve_uri, start_run
 
 # An installed wheel carries conf/ inside the package; a source checkout (pip install -e) reads
@@ -38,7 +39,7 @@ schema.register()
 def train(cfg: DictConfig) -> float:
     """Train the configured model and log the run; return the final test accuracy."""
     schema.validate(cfg)
-    device = setup_hardware(cfg.hardware)
+    device = setup_hardware(cfg.hardware, cfg.hardware.threads or threads_per_job())
     uri = resolve_uri(cfg.tracking.uri, Path.cwd())
     if cfg.tracking.enabled:
         check_reachable(uri)  # seconds, not a whole epoch, to learn the server is down
@@ -52,9 +53,10 @@ def train(cfg: DictConfig) -> float:
     optimizer = instantiate(cfg.optimizer, _convert_="all")([flat_parameters(model)])
 
     tags = run_tags(cfg, device, data.checksum)
-    with start_run(
-        uri, cfg.tracking.experiment, cfg.tracking.run_name, tags, cfg.tracking.enabled
-    ) as run:
+    sweep_tags, job_name = job_tags()
+    tags.update(sweep_tags)
+    run_name = cfg.tracking.run_name or job_name
+    with start_run(uri, cfg.tracking.experiment, run_name, tags, cfg.tracking.enabled) as run:
         run.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
         log_config_artifacts(run, cfg)
         batches_per_epoch = -(-len(train_split) // cfg.train.batch_size)
@@ -80,10 +82,10 @@ def train(cfg: DictConfig) -> float:
     return accuracy
 
 
-def setup_hardware(hardware: DictConfig) -> torch.device:
-    """Apply threads/determinism settings and return the device to train on."""
-    if hardware.threads:
-        torch.set_num_threads(hardware.threads)
+def setup_hardware(hardware: DictConfig, threads: int = 0) -> torch.device:
+    """Apply threads (0: torch's default) and determinism; return the device to train on."""
+    if threads:
+        torch.set_num_threads(threads)
     if hardware.deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; harmless on the CPU.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -96,6 +98,23 @@ def setup_hardware(hardware: DictConfig) -> torch.device:
             f"hardware.device={name} but no CUDA GPU is visible; use hardware=cpu or hardware=auto"
         )
     return torch.device(name)
+
+
+def threads_per_job() -> int:
+    """Torch threads for a job that shares the machine with parallel jobs (0: no limit).
+
+    Two jobs of the joblib launcher on two cores, each with torch's default of one thread per
+    core, would oversubscribe the CPU; each gets cores // parallel jobs instead.
+    """
+    if not HydraConfig.initialized():
+        return 0
+    launcher = HydraConfig.get().launcher
+    if "joblib" not in str(launcher.get("_target_", "")):
+        return 0
+    cores = os.cpu_count() or 1
+    n_jobs = launcher.get("n_jobs") or -1
+    jobs = n_jobs if n_jobs > 0 else max(cores + 1 + n_jobs, 1)  # joblib's -1 = every core
+    return max(cores // jobs, 1) if jobs > 1 else 0
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -166,8 +185,15 @@ def hydra_main(cfg: DictConfig) -> float:
     """The Hydra task: one job of a run or a sweep."""
     try:
         return train(cfg)
-    except CnnlabError as exc:  # here, not in main(), so Hydra adds no report of its own
-        sys.exit(f"cnnlab-train: error: {exc}")
+    except Exception as exc:
+        if in_sweep():  # the run is already marked FAILED with the reason; the sweep goes on
+            print(f"cnnlab-train: job failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            if failure_is_a_value():
+                return float("nan")
+            raise
+        if isinstance(exc, CnnlabError):  # here, not in main(), so Hydra adds no report
+            sys.exit(f"cnnlab-train: error: {exc}")
+        raise
 
 
 def run_cli(prog: str, hydra_task: Callable[[], Any]) -> None:
@@ -176,6 +202,11 @@ def run_cli(prog: str, hydra_task: Callable[[], Any]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         hydra_task()
+        if sweep.failed_jobs:
+            sys.exit(
+                f"{prog}: error: {len(sweep.failed_jobs)} sweep job(s) failed: "
+                f"{', '.join(sweep.failed_jobs)}; the reasons are in their runs' cnnlab.error tag"
+            )
     except (HydraException, OmegaConfBaseException) as exc:
         sys.exit(f"{prog}: error: {schema.describe_config_error(exc)}")
     except KeyboardInterrupt:

@@ -1,0 +1,141 @@
+"""Sweeps (`cnnlab-train -m ...`): one MLflow parent run per sweep, one child run per job.
+
+A Hydra callback opens the parent before the first job, records its id in the sweep folder for
+every job process (the joblib launcher's workers included), and at the end of the sweep gives the
+parent a summary: the best child, and a CSV table of every child's params, metrics and status.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from cnnlab.tracking import Tracker, check_reachable, create_run, resolve_uri
+
+SWEEP_FILE = "cnnlab-sweep.json"  # in hydra.sweep.dir: what each job needs to find its parent
+METRIC = "test_accuracy"  # what the entrypoint returns and sweeps maximise
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+# Names of the jobs that failed in the last sweep of this process; the CLI turns it into the
+# exit status once Hydra is done (a Hydra callback cannot set one).
+failed_jobs: list[str] = []
+
+
+def swept_keys(overrides: list[str], sweeper: DictConfig) -> list[str]:
+    """The keys a sweep varies: `key=a,b` style overrides and a search sweeper's params."""
+    keys = [
+        o.get_key_element()
+        for o in OverridesParser.create().parse_overrides(overrides)
+        if o.is_sweep_override()
+    ]
+    return keys + [k for k in (sweeper.get("params") or {}) if k not in keys]
+
+
+class SweepCallback(Callback):
+    """Opens the sweep's parent run, and closes it with a summary of its children."""
+
+    def __init__(self) -> None:
+        self.parent: Tracker | None = None
+        self.swept: list[str] = []
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Create the parent run before any job starts (and the store, so jobs never race)."""
+        failed_jobs.clear()
+        if not config.tracking.enabled:
+            return
+        uri = resolve_uri(config.tracking.uri, Path.cwd())
+        check_reachable(uri)
+        overrides = list(config.hydra.overrides.task)
+        self.swept = swept_keys(overrides, config.hydra.sweeper)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        label = " ".join(o for o in overrides if o.split("=", 1)[0] in self.swept)
+        search = config.hydra.sweeper.get("study_name")
+        name = f"sweep {search or label or sweep_dir.name}"[:250]
+        tags = {
+            "cnnlab.role": "sweep",
+            "cnnlab.overrides": " ".join(overrides),
+            "cnnlab.sweep_dir": str(sweep_dir.resolve()),
+            "cnnlab.swept": ",".join(self.swept),
+        }
+        self.parent = create_run(uri, config.tracking.experiment, name, tags)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        record = {"parent_run_id": self.parent.run_id, "uri": uri, "swept": self.swept}
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps(record))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Log the summary on the parent and close it: FAILED if any job failed."""
+        if self.parent is None:
+            return
+        children = self.parent.children()
+        failed_jobs[:] = [c["run_name"] for c in children if c["status"] != "FINISHED"]
+        self.parent.log_text(summary_csv(children, self.swept), "sweep_summary.csv")
+        done = [c for c in children if math.isfinite(c["metrics"].get(METRIC, math.nan))]
+        print(f"Sweep: {len(children)} jobs, {len(failed_jobs)} failed", end="")
+        if done:
+            best = max(done, key=lambda c: c["metrics"][METRIC])
+            self.parent.set_tags({"cnnlab.best_run_id": best["run_id"]})
+            self.parent.set_tags({"cnnlab.best_run_name": best["run_name"]})
+            self.parent.log_params({f"best.{k}": v for k, v in best["values"].items()})
+            self.parent.log_metrics({f"best_{METRIC}": best["metrics"][METRIC]}, step=0)
+            print(f"; best {best['run_name']} ({METRIC} {best['metrics'][METRIC]:.4f})", end="")
+        print(f"; summary in parent run {self.parent.run_id}")
+        self.parent.end("FAILED" if failed_jobs else "FINISHED")
+        self.parent = None
+
+
+def summary_csv(children: list[dict[str, Any]], swept: list[str]) -> str:
+    """One row per child: name, id, status, swept params, final metrics, error."""
+    metric_names = sorted({m for c in children for m in c["metrics"]})
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["run_name", "run_id", "status", *swept, *metric_names, "error"])
+    for c in children:
+        writer.writerow(
+            [c["run_name"], c["run_id"], c["status"]]
+            + [c["values"].get(k, "") for k in swept]
+            + [c["metrics"].get(m, "") for m in metric_names]
+            + [c["error"]]
+        )
+    return out.getvalue()
+
+
+def in_sweep() -> bool:
+    """Whether this process runs a job of a multirun."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def job_tags() -> tuple[dict[str, str], str | None]:
+    """(tags, run name) that place this job's run under its sweep's parent; ({}, None) if none."""
+    if not in_sweep():
+        return {}, None
+    record_file = Path(HydraConfig.get().sweep.dir) / SWEEP_FILE
+    if not record_file.exists():
+        return {}, None
+    record = json.loads(record_file.read_text())
+    pairs = [o.split("=", 1) for o in HydraConfig.get().overrides.task if "=" in o]
+    values = {key: value for key, value in pairs if key in record["swept"]}
+    tags = {
+        "mlflow.parentRunId": record["parent_run_id"],  # MLflow's UI nests the run under it
+        "cnnlab.sweep_values": json.dumps(values),
+    }
+    # Named from what differs between jobs, e.g. "optimizer=sgd,optimizer.lr=0.001".
+    return tags, ",".join(f"{k}={v}" for k, v in values.items()) or None
+
+
+def failure_is_a_value() -> bool:
+    """Whether a failed job should return NaN rather than raise.
+
+    Hydra's basic sweeper aborts the sweep when a job raises; returning NaN lets the other jobs
+    and the summary go on. Search sweepers (Optuna) record a raised job as a failed trial.
+    """
+    return in_sweep() and HydraConfig.get().sweeper._target_ == BASIC_SWEEPER

@@ -1,0 +1,126 @@
+"""Sweeps from the command line: grouped runs, failures, parallel jobs on SQLite, Optuna."""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import BIN, cli_env
+
+pytestmark = pytest.mark.slow
+
+
+def sweep(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [BIN / "cnnlab-train", "-m", *args], cwd=cwd, capture_output=True, text=True,
+        env=cli_env(), timeout=900,
+    )  # fmt: skip
+
+
+def runs_by_role(uri: str):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("cnnlab.role") == "sweep"]
+    children = [r for r in runs if r is not parent]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    return client, parent, children
+
+
+def test_a_sweep_is_one_parent_with_named_children_and_a_summary(tiny_overrides, tmp_path):
+    done = sweep(
+        [*tiny_overrides, "optimizer=adam,sgd", "optimizer.lr=1e-3,1e30", "train.log_every=5",
+         "tracking.log_model=false"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    # The two lr=1e30 jobs blow up; the sweep goes on and says so in its exit status.
+    assert done.returncode != 0
+    assert "2 sweep job(s) failed" in done.stderr
+    uri = next(o.split("=", 1)[1] for o in tiny_overrides if o.startswith("tracking.uri="))
+    client, parent, children = runs_by_role(uri)
+
+    names = sorted(r.info.run_name for r in children)
+    assert names == [
+        "optimizer=adam,optimizer.lr=0.001", "optimizer=adam,optimizer.lr=1e+30",
+        "optimizer=sgd,optimizer.lr=0.001", "optimizer=sgd,optimizer.lr=1e+30",
+    ]  # fmt: skip
+    status = {r.info.run_name: r.info.status for r in children}
+    assert status["optimizer=adam,optimizer.lr=1e+30"] == "FAILED"
+    assert status["optimizer=adam,optimizer.lr=0.001"] == "FINISHED"
+    assert parent.info.status == "FAILED"
+    assert "optimizer=adam,sgd" in parent.data.tags["cnnlab.overrides"]
+
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    best = max(finished, key=lambda r: r.data.metrics["test_accuracy"])
+    assert parent.data.tags["cnnlab.best_run_id"] == best.info.run_id
+    assert parent.data.metrics["best_test_accuracy"] == best.data.metrics["test_accuracy"]
+    assert best.info.run_name == (
+        f"optimizer={parent.data.params['best.optimizer']},"
+        f"optimizer.lr={parent.data.params['best.optimizer.lr']}"
+    )
+
+    local = client.download_artifacts(parent.info.run_id, "sweep_summary.csv", str(tmp_path))
+    rows = list(csv.DictReader(io.StringIO(Path(local).read_text())))
+    assert sorted(r["run_name"] for r in rows) == names
+    failed = [r for r in rows if r["status"] == "FAILED"]
+    assert len(failed) == 2 and all("NonFiniteLossError" in r["error"] for r in failed)
+    assert all(r["optimizer.lr"] == "1e+30" for r in failed)
+
+    # Hydra's outputs: multirun/<date>/<time>/<job>/ under the launch directory.
+    jobs = sorted(p.name for p in tmp_path.glob("multirun/*/*/*") if p.is_dir())
+    assert jobs == ["0", "1", "2", "3"]
+
+
+def test_parallel_jobs_on_sqlite_lose_nothing(tiny_overrides, tmp_path):
+    seeds = ",".join(str(s) for s in range(1, 9))
+    done = sweep(
+        [*tiny_overrides, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+         f"train.seed={seeds}", "train.log_every=10"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "database is locked" not in done.stderr
+    uri = next(o.split("=", 1)[1] for o in tiny_overrides if o.startswith("tracking.uri="))
+    client, parent, children = runs_by_role(uri)
+    assert len(children) == 8 and parent.info.status == "FINISHED"
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 6
+        assert "cnnlab.model_uri" in run.data.tags
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "config")} == {
+            "config/config.yaml", "config/overrides.yaml",
+        }  # fmt: skip
+    assert sorted(r.data.params["train.seed"] for r in children) == sorted(seeds.split(","))
+
+
+def test_optuna_search_records_failed_trials_and_goes_on(tiny_overrides, tmp_path):
+    # A preset on top of the shipped one whose lr choices include one that always diverges.
+    preset = tmp_path / "conf" / "hparams_search"
+    preset.mkdir(parents=True)
+    (preset / "tiny.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - optuna_convnet\n"
+        "hydra:\n  sweeper:\n    n_trials: 5\n    params:\n"
+        "      optimizer: choice(adam, sgd)\n"
+        "      optimizer.lr: choice(0.001, 1e30)\n"
+        "      train.batch_size: choice(10, 20)\n"
+    )
+    done = sweep(
+        [*tiny_overrides, f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+         "hparams_search=tiny", "train.log_every=2", "tracking.log_model=false"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    uri = next(o.split("=", 1)[1] for o in tiny_overrides if o.startswith("tracking.uri="))
+    client, parent, children = runs_by_role(uri)
+    assert len(children) == 5  # every trial ran, failed ones included
+    failed = [r for r in children if r.info.status == "FAILED"]
+    assert all(r.data.params["optimizer.lr"] == "1e+30" for r in failed)
+    assert (done.returncode != 0) == bool(failed)
+    assert parent.info.run_name == "sweep optuna_convnet"
+    assert {"optimizer", "optimizer.lr", "train.batch_size"} <= set(
+        parent.data.tags["cnnlab.swept"].split(",")
+    )
