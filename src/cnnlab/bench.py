@@ -324,12 +324,43 @@ def parallel_probe() -> None:
     print(batches * cfg.train.batch_size / seconds)
 
 
+def section_sweep(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
+    """Wall time of a 4-job sweep (1 epoch each) with the basic and the joblib launcher."""
+    folder = Path(tempfile.mkdtemp(prefix="cnnlab-bench-"))
+    common = [
+        "-m", "train.seed=1,2,3,4", "train.epochs=1",
+        f"data.root={data.raw_dir.parent.parent}", f"hardware.device={device}",
+        f"tracking.uri=sqlite:///{folder / 'mlflow.db'}",
+    ]  # fmt: skip
+    launchers = {"basic": [], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]}
+
+    def sweep(extra: list[str]) -> Callable[[], float]:
+        def measure() -> float:
+            start = time.perf_counter()
+            subprocess.run(
+                [Path(sys.executable).with_name("cnnlab-train"), *common, *extra],
+                cwd=folder, capture_output=True, check=True,
+            )  # fmt: skip
+            return time.perf_counter() - start
+
+        return measure
+
+    seconds = alternate(cfg.bench.rounds, {k: sweep(v) for k, v in launchers.items()})
+    return [
+        "Sweep of 4 jobs (1 epoch each, tracked), wall time from the command line:",
+        f"  basic launcher        {seconds['basic']:7.1f} s",
+        f"  joblib, 2 workers     {seconds['joblib']:7.1f} s   "
+        f"{seconds['basic'] / seconds['joblib']:.2f}x faster",
+    ]
+
+
 SECTIONS = {
     "article": section_article,
     "tracking": section_tracking,
     "startup": section_startup,
     "batch_sizes": section_batch_sizes,
     "parallel": section_parallel,
+    "sweep": section_sweep,
 }
 
 
