@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,20 @@ def flat_parameters(model: nn.Module) -> nn.Parameter:
     return merged
 
 
+class TrainingInterrupted(Exception):  # noqa: N818 - a request, not an error
+    """A stop was requested (Ctrl-C, SIGTERM); the epoch can continue from `next_batch`."""
+
+    def __init__(self, next_batch: int, running: float, epoch_rng: torch.Tensor) -> None:
+        super().__init__(f"stopped before mini-batch {next_batch + 1}")
+        self.epoch_rng = epoch_rng
+        self.next_batch = next_batch
+        self.running = running  # sum of the losses of the unfinished log window
+
+    def args_for_resume(self) -> tuple[int, float, torch.Tensor]:
+        """(batch, running, rng) to continue this epoch; the RNG as it was when it began."""
+        return self.next_batch, self.running, self.epoch_rng
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -61,27 +75,42 @@ def train_one_epoch(
     batch_size: int,
     log_every: int,
     progress: bool = False,
+    start_batch: int = 0,
+    running: float = 0.0,
+    stop: Callable[[], bool] = lambda: False,
 ) -> Iterator[tuple[int, float]]:
-    """Train one epoch; every `log_every` batches yield (batches done, their mean loss)."""
+    """Train one epoch; every `log_every` batches yield (batches done, their mean loss).
+
+    `start_batch` and `running` continue an epoch that was interrupted (the global RNG must be
+    where it was when that epoch began, so the same order is drawn). `stop` is asked after each
+    batch; when it answers True, TrainingInterrupted says where to continue.
+    """
     model.train()
     n = len(data)
+    epoch_rng = torch.get_rng_state()
     order = epoch_order(n).to(data.labels.device)
     # Summed on the device and read back only every log_every batches: a .item() per step
     # would stall a GPU on every batch. float64 keeps the sum as exact as the article's.
-    running = torch.zeros((), dtype=torch.float64, device=data.labels.device)
+    total = torch.tensor(running, dtype=torch.float64, device=data.labels.device)
     starts = range(0, n, batch_size)
-    for i, start in enumerate(tqdm(starts, disable=not progress, leave=False, unit="batch")):
+    batches = tqdm(
+        starts[start_batch:], disable=not progress, leave=False, unit="batch",
+        initial=start_batch, total=len(starts),
+    )  # fmt: skip
+    for i, start in enumerate(batches, start=start_batch):
         idx = order[start : start + batch_size]
         # Zeroed, not freed: grads must stay views into the flat buffer (see flat_parameters).
         optimizer.zero_grad(set_to_none=False)
         loss = F.cross_entropy(model(data.images[idx]), data.labels[idx])
         loss.backward()
         optimizer.step()
-        running += loss.detach()
+        total += loss.detach()
         if (i + 1) % log_every == 0:
-            yield i + 1, _finite(running.item() / log_every, i + 1)
-            running.zero_()
-    _finite(running.item(), len(starts))  # a NaN after the last logged window still fails
+            yield i + 1, _finite(total.item() / log_every, i + 1)
+            total.zero_()
+        if stop() and i + 1 < len(starts):
+            raise TrainingInterrupted(i + 1, total.item(), epoch_rng)
+    _finite(total.item(), len(starts))  # a NaN after the last logged window still fails
 
 
 def _finite(loss: float, batch: int) -> float:

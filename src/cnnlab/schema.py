@@ -105,6 +105,7 @@ class TrainConf:
     eval_batch_size: int = MISSING
     log_every: int = MISSING  # mini-batches per logged mean train loss
     seed: int = MISSING
+    resume: str | None = None  # run id to continue from its last checkpoint
 
 
 @dataclass
@@ -133,6 +134,41 @@ class Config:
     train: TrainConf = MISSING
     tracking: TrackingConf = MISSING
     bench: BenchConf | None = None  # set by conf/bench.yaml for cnnlab-bench only
+
+
+GROUPS = ("model", "data", "optimizer", "hardware")
+
+# What a logged config's _target_ says about its schema, to type it again (typed_config).
+_SCHEMA_OF_TARGET = {
+    "cnnlab.models.ConvNet": ConvNetConf,
+    "cnnlab.models.MLP": MLPConf,
+    "torch.optim.Adam": AdamConf,
+    "torch.optim.AdamW": AdamConf,
+    "torch.optim.SGD": SGDConf,
+}
+
+
+def typed_config(tree: dict[str, Any], overrides: list[str] = ()) -> DictConfig:
+    """A logged (plain) config typed again, with key=value overrides checked like cnnlab-train's."""
+    try:
+        nodes = {g: _SCHEMA_OF_TARGET[tree[g]["_target_"]]() for g in ("model", "optimizer")}
+    except KeyError as exc:
+        raise ConfigError(f"the logged config has an unknown model or optimizer: {exc}") from exc
+    schema = Config(
+        data=DataConf(),
+        hardware=HardwareConf(),
+        train=TrainConf(),
+        tracking=TrackingConf(),
+        **nodes,
+    )
+    bad = [o for o in overrides if "=" not in o or o.split("=", 1)[0] in GROUPS]
+    if bad:
+        raise ConfigError(
+            f"{bad[0]}: give key=value overrides of the logged config (a group switch such as "
+            "optimizer=sgd needs cnnlab-train)"
+        )
+    cfg = OmegaConf.merge(OmegaConf.structured(schema), tree)
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
 
 
 def register() -> None:
@@ -206,7 +242,7 @@ def validate(cfg: DictConfig) -> None:
 
 def describe_config_error(exc: Exception) -> str:
     """One line for a Hydra/OmegaConf composition error: the key, what is wrong, the fix."""
-    cause = exc.__cause__
+    cause = exc.__cause__ or exc
     key = getattr(cause, "full_key", None)
     if isinstance(exc, MissingConfigException) and exc.options:
         group, _, option = (exc.missing_cfg_file or "").rpartition("/")

@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import shutil
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +23,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
+import yaml
 from mlflow.entities import Metric, Param
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
@@ -77,6 +79,7 @@ class Tracker:
         self.uri = uri
         self.run_id = run_id
         self.experiment_id = experiment_id
+        self._logged_until: dict[str, int] = {}  # metric -> last step already in the store
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log flat key -> value params in as few calls as MLflow allows."""
@@ -87,8 +90,13 @@ class Tracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log several metrics at one step in one call."""
         timestamp = int(time.time() * 1000)
-        batch = [Metric(k, float(v), timestamp, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        batch = [
+            Metric(k, float(v), timestamp, step)
+            for k, v in metrics.items()
+            if step > self._logged_until.get(k, -1)
+        ]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (values are stored as strings)."""
@@ -102,6 +110,11 @@ class Tracker:
     def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
         """Copy a folder into the run's artifacts."""
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def set_running(self) -> None:
+        """Mark the run RUNNING again, to continue it."""
+        self.client.update_run(self.run_id, status="RUNNING")
+        print(f"MLflow run {self.run_id} resumed in {self.uri}")
 
     def end(self, status: str) -> None:
         """Close the run as FINISHED, FAILED or KILLED."""
@@ -127,6 +140,24 @@ class Tracker:
             }
             for r in runs
         ]
+
+    def log_checkpoint(self, path: Path) -> None:
+        """Store `path` as the run's checkpoints/<name>, replacing an earlier one."""
+        self.client.log_artifact(self.run_id, str(path), "checkpoints")
+
+    def download(self, artifact_path: str, dst: Path) -> Path | None:
+        """A local copy of one of the run's artifacts, or None if the run has no such file."""
+        folder, _, name = artifact_path.rpartition("/")
+        if name not in {Path(a.path).name for a in self.client.list_artifacts(self.run_id, folder)}:
+            return None
+        return Path(self.client.download_artifacts(self.run_id, artifact_path, str(dst)))
+
+    def skip_logged_steps(self, keys: list[str]) -> None:
+        """Log none of `keys` at steps the run already has: a resumed run repeats no point."""
+        for key in keys:
+            history = self.client.get_metric_history(self.run_id, key)
+            if history:
+                self._logged_until[key] = max(m.step for m in history)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Store a text artifact."""
@@ -200,6 +231,39 @@ def create_run(uri: str, experiment: str, run_name: str | None, tags: Mapping[st
     return Tracker(client, uri, run.info.run_id, experiment_id)
 
 
+def attach_run(uri: str, run_id: str) -> Tracker:
+    """A Tracker for an existing run, with a clear error when the store has no such run."""
+    try:
+        return Tracker.attach(uri, run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise TrackingError(f"no run {run_id} in {uri}; check the id and tracking.uri") from exc
+
+
+def run_config(uri: str, run_id: str) -> dict[str, Any]:
+    """The resolved config a run logged (config/config.yaml)."""
+    tracker = attach_run(uri, run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = tracker.download("config/config.yaml", Path(tmp))
+        if path is None:
+            raise TrackingError(f"run {run_id} logged no config/config.yaml")
+        return yaml.safe_load(path.read_text())
+
+
+def run_record(uri: str, run_id: str) -> dict[str, Any]:
+    """A run's name, status, tags, final metrics and the train_loss history [(step, value)]."""
+    tracker = attach_run(uri, run_id)
+    run = tracker.client.get_run(run_id)
+    history = tracker.client.get_metric_history(run_id, "train_loss")
+    return {
+        "run_id": run_id,
+        "run_name": run.info.run_name,
+        "status": run.info.status,
+        "tags": dict(run.data.tags),
+        "metrics": dict(run.data.metrics),
+        "train_loss": sorted((m.step, m.value) for m in history),
+    }
+
+
 @contextmanager
 def start_run(
     uri: str, experiment: str, run_name: str | None, tags: Mapping[str, str], enabled: bool = True
@@ -208,7 +272,13 @@ def start_run(
     if not enabled:
         yield NullTracker()
         return
-    tracker = create_run(uri, experiment, run_name, tags)
+    with closing_run(create_run(uri, experiment, run_name, tags)) as tracker:
+        yield tracker
+
+
+@contextmanager
+def closing_run(tracker: Tracker) -> Iterator[Tracker]:
+    """End `tracker`'s run on the way out: FINISHED, FAILED (with the reason) or KILLED."""
     status = "FAILED"
     try:
         yield tracker

@@ -7,10 +7,15 @@ cnnlab-train -m optimizer.lr=1e-3,1e-4        # a sweep, under multirun/
 
 from __future__ import annotations
 
+import math
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +27,21 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cnnlab import CnnlabError, __version__, schema, sweep
-from cnnlab.data import load_dataset
-from cnnlab.loop import evaluate, flat_parameters, train_one_epoch
+from cnnlab import CnnlabError, __version__, checkpoint, schema, sweep
+from cnnlab.checkpoint import Progress
+from cnnlab.data import Split, load_dataset
+from cnnlab.loop import TrainingInterrupted, evaluate, flat_parameters, train_one_epoch
 from cnnlab.sweep import failure_is_a_value, in_sweep, job_tags
-from cnnlab.tracking import check_reachable, resolve_uri, start_run
+from cnnlab.tracking import (
+    NullTracker,
+    Tracker,
+    attach_run,
+    check_reachable,
+    closing_run,
+    resolve_uri,
+    run_config,
+    start_run,
+)
 
 # An installed wheel carries conf/ inside the package; a source checkout (pip install -e) reads
 # the top-level conf/ so that edits there take effect at once.
@@ -36,11 +51,13 @@ CONF_DIR = str(_PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).par
 schema.register()
 
 
-def train(cfg: DictConfig) -> float:
+def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
     """Train the configured model and log the run; return the final test accuracy."""
+    uri = resolve_uri(cfg.tracking.uri, Path.cwd())
+    if cfg.train.resume:
+        cfg = resumed_config(cfg.train.resume, uri)  # the run's own config, not today's conf/
     schema.validate(cfg)
     device = setup_hardware(cfg.hardware, cfg.hardware.threads or threads_per_job())
-    uri = resolve_uri(cfg.tracking.uri, Path.cwd())
     if cfg.tracking.enabled:
         check_reachable(uri)  # seconds, not a whole epoch, to learn the server is down
 
@@ -52,34 +69,124 @@ def train(cfg: DictConfig) -> float:
     model = model.to(device)
     optimizer = instantiate(cfg.optimizer, _convert_="all")([flat_parameters(model)])
 
-    tags = run_tags(cfg, device, data.checksum)
-    sweep_tags, job_name = job_tags()
-    tags.update(sweep_tags)
-    run_name = cfg.tracking.run_name or job_name
-    with start_run(uri, cfg.tracking.experiment, run_name, tags, cfg.tracking.enabled) as run:
-        run.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-        log_config_artifacts(run, cfg)
-        batches_per_epoch = -(-len(train_split) // cfg.train.batch_size)
-        progress = sys.stderr.isatty()
-        for epoch in range(cfg.train.epochs):
-            print(f"Starting epoch {epoch + 1}")
-            for batch, loss in train_one_epoch(
-                model, optimizer, train_split, cfg.train.batch_size, cfg.train.log_every, progress
-            ):
-                print(f"Loss after mini-batch {batch:5d}: {loss:.3f}")
-                run.log_metrics({"train_loss": loss}, step=epoch * batches_per_epoch + batch)
-            test_loss, accuracy = evaluate(model, test_split, cfg.train.eval_batch_size)
-            print(f"Epoch {epoch + 1}: test loss {test_loss:.4f}, test accuracy {accuracy:.2%}")
-            run.log_metrics(
-                {"test_loss": test_loss, "test_accuracy": accuracy, "epoch": epoch + 1},
-                step=(epoch + 1) * batches_per_epoch,
-            )
+    with open_run(cfg, uri, device, data.checksum, extra_tags, model, optimizer) as (run, at):
+        accuracy = fit(cfg, model, optimizer, train_split, test_split, run, at)
         if cfg.tracking.log_model:
             example = data.test.images[:2].numpy()  # (2, C, H, W): the input the model expects
             model_uri = run.log_model(model, example, requirements())
             run.set_tags({"cnnlab.model_uri": model_uri})
     print("Training process has finished.")
     return accuracy
+
+
+def fit(
+    cfg: DictConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_split: Split,
+    test_split: Split,
+    run: Tracker | NullTracker,
+    at: Progress,
+) -> float:
+    """Train the epochs from `at` on, logging as it goes; checkpoint each epoch and on a stop."""
+    batches_per_epoch = -(-len(train_split) // cfg.train.batch_size)
+    accuracy = math.nan
+    show_bar = sys.stderr.isatty()
+    with stop_requests() as stop, tempfile.TemporaryDirectory() as tmp:
+        last = Path(tmp) / "last.pt"
+        for epoch in range(at.epoch, cfg.train.epochs):
+            print(f"Starting epoch {epoch + 1}")
+            torch.set_rng_state(at.rng)  # an epoch cut short re-draws the same order
+            try:
+                for batch, loss in train_one_epoch(
+                    model, optimizer, train_split, cfg.train.batch_size, cfg.train.log_every,
+                    show_bar, at.batch, at.running, stop,
+                ):  # fmt: skip
+                    print(f"Loss after mini-batch {batch:5d}: {loss:.3f}")
+                    run.log_metrics({"train_loss": loss}, step=epoch * batches_per_epoch + batch)
+            except TrainingInterrupted as cut:
+                checkpoint.save(last, model, optimizer, Progress(epoch, *cut.args_for_resume()))
+                run.log_checkpoint(last)
+                raise KeyboardInterrupt from None  # the run ends KILLED, resumable
+            test_loss, accuracy = evaluate(model, test_split, cfg.train.eval_batch_size)
+            print(f"Epoch {epoch + 1}: test loss {test_loss:.4f}, test accuracy {accuracy:.2%}")
+            run.log_metrics(
+                {"test_loss": test_loss, "test_accuracy": accuracy, "epoch": epoch + 1},
+                step=(epoch + 1) * batches_per_epoch,
+            )
+            at = Progress(epoch + 1)  # next epoch from its first batch, RNG as it is now
+            checkpoint.save(last, model, optimizer, at)
+            run.log_checkpoint(last)
+    return accuracy
+
+
+@contextmanager
+def open_run(
+    cfg: DictConfig,
+    uri: str,
+    device: torch.device,
+    data_checksum: str,
+    extra_tags: dict[str, str] | None,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> Iterator[tuple[Tracker | NullTracker, Progress]]:
+    """A new run with its params and config logged, or the resumed run at its checkpoint."""
+    if cfg.train.resume:
+        run = attach_run(uri, cfg.train.resume)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = run.download("checkpoints/last.pt", Path(tmp))
+            if path is None:
+                raise CnnlabError(f"run {run.run_id} has no checkpoint to resume from")
+            at = checkpoint.load(path, model, optimizer)
+        if at.epoch >= cfg.train.epochs:
+            raise CnnlabError(f"run {run.run_id} already trained all {cfg.train.epochs} epochs")
+        run.skip_logged_steps(["train_loss", "test_loss", "test_accuracy", "epoch"])
+        run.set_running()  # also after a SIGKILL left it RUNNING
+        with closing_run(run):
+            yield run, at
+        return
+    tags = {**run_tags(cfg, device, data_checksum), **(extra_tags or {})}
+    sweep_tags, job_name = job_tags()
+    tags.update(sweep_tags)
+    run_name = cfg.tracking.run_name or job_name
+    with start_run(uri, cfg.tracking.experiment, run_name, tags, cfg.tracking.enabled) as run:
+        run.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+        log_config_artifacts(run, cfg)
+        yield run, Progress()  # RNG state now: right after the model's initialisation
+
+
+def resumed_config(run_id: str, uri: str) -> DictConfig:
+    """The config run `run_id` logged, set to continue that run in the store at `uri`."""
+    cfg = schema.typed_config(run_config(uri, run_id))
+    cfg.train.resume = run_id
+    cfg.tracking.uri = uri
+    return cfg
+
+
+@contextmanager
+def stop_requests() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C and SIGTERM ask training to stop at the next mini-batch and checkpoint.
+
+    A second Ctrl-C stops at once. Outside the main thread signals can't be caught; then
+    nothing is installed and stops are never requested.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    requested: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        print("Stopping after this mini-batch to save a checkpoint...", file=sys.stderr)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(requested)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def setup_hardware(hardware: DictConfig, threads: int = 0) -> torch.device:
