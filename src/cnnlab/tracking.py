@@ -193,20 +193,47 @@ class Tracker:
 class LoadedModel(torch.nn.Module):
     """A logged model as an ordinary module: (B, C, H, W) images -> (B, classes) logits."""
 
-    def __init__(self, program: Any) -> None:
+    def __init__(self, program: Any, in_shape: tuple[int, ...]) -> None:
         super().__init__()
         # Held outside the module tree: an exported program refuses .train() and .eval().
         self.__dict__["program"] = program
+        self.in_shape = in_shape  # (C, H, W) of one image, from the model's signature
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the logged network."""
         return self.program(x)
 
 
-def load_model(model_uri: str, tracking_uri: str) -> torch.nn.Module:
-    """Load a logged model (models:/ or runs:/ URI) back as a CPU torch module."""
+def load_model(model_ref: str, tracking_uri: str) -> LoadedModel:
+    """Load a logged model back as a CPU module: a models:/ or runs:/ URI, or a run id."""
     mlflow.set_tracking_uri(tracking_uri)
-    return LoadedModel(mlflow.pytorch.load_model(model_uri, map_location="cpu"))
+    model_uri = model_ref
+    if "://" not in model_ref and ":/" not in model_ref:  # a run id: the model that run logged
+        tags = attach_run(tracking_uri, model_ref).client.get_run(model_ref).data.tags
+        if "cnnlab.model_uri" not in tags:
+            raise TrackingError(f"run {model_ref} logged no model (tracking.log_model=false?)")
+        model_uri = tags["cnnlab.model_uri"]
+    try:
+        signature = mlflow.models.get_model_info(model_uri).signature
+        program = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    except (mlflow.exceptions.MlflowException, OSError) as exc:
+        raise TrackingError(f"cannot load model {model_uri} from {tracking_uri}: {exc}") from exc
+    in_shape = tuple(signature.inputs.to_dict()[0]["tensor-spec"]["shape"][1:])
+    return LoadedModel(program, in_shape)
+
+
+def find_runs(uri: str, experiment: str, tag: str, value: str) -> list[str]:
+    """Ids of the runs in `experiment` whose `tag` is `value`, newest first."""
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`{tag}` = '{value}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    return [r.info.run_id for r in runs]
 
 
 class NullTracker:

@@ -1,0 +1,92 @@
+"""cnnlab-reproduce: re-run a logged run from its logged config and compare the numbers.
+
+cnnlab-reproduce <run_id>                    # the same run again, then a comparison
+cnnlab-reproduce <run_id> train.epochs=10    # key=value overrides on top of the logged config
+cnnlab-reproduce <run_id> tracking.uri=http://127.0.0.1:5000   # where the run is stored
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf.errors import OmegaConfBaseException
+
+from cnnlab import CnnlabError, __version__, schema
+from cnnlab.tracking import find_runs, resolve_uri, run_config, run_record
+from cnnlab.train import git_state, train
+
+
+def reproduce(run_id: str, overrides: list[str]) -> bool:
+    """Run `run_id`'s logged config again (plus overrides); print the comparison; True if equal."""
+    given = dict(o.split("=", 1) for o in overrides if o.startswith("tracking.uri="))
+    uri = resolve_uri(
+        given.get("tracking.uri") or os.environ.get("MLFLOW_TRACKING_URI"), Path.cwd()
+    )
+    source = run_record(uri, run_id)
+    cfg = schema.typed_config(run_config(uri, run_id), overrides)
+    cfg.tracking.uri, cfg.train.resume = uri, None
+    cfg.tracking.run_name = cfg.tracking.run_name or f"reproduce {source['run_name']}"
+    warn_about_differences(source["tags"])
+
+    train(cfg, extra_tags={"cnnlab.reproduces": run_id})
+    copy = run_record(uri, find_runs(uri, cfg.tracking.experiment, "cnnlab.reproduces", run_id)[0])
+    return compare(
+        source,
+        copy,
+        strict=not [o for o in overrides if "=" in o and not o.startswith("tracking.uri=")],
+    )
+
+
+def warn_about_differences(tags: dict[str, str]) -> None:
+    """Say when the code or libraries differ from those the source run used."""
+    commit, dirty = git_state(Path(__file__).parent)
+    now = {
+        "mlflow.source.git.commit": commit,
+        "cnnlab.git_dirty": dirty,
+        "cnnlab.version": __version__,
+        "cnnlab.torch_version": torch.__version__,
+    }
+    for key, value in now.items():
+        if tags.get(key, value) != value:
+            print(f"warning: {key} was {tags[key]}, is {value} now", file=sys.stderr)
+
+
+def compare(source: dict, copy: dict, strict: bool) -> bool:
+    """Print the two runs' losses and accuracy side by side; whether they agree."""
+    ours, theirs = dict(copy["train_loss"]), dict(source["train_loss"])
+    shared = sorted(set(ours) & set(theirs))
+    diffs = [abs(ours[s] - theirs[s]) for s in shared]
+    same_losses = all(d == 0 for d in diffs) and (not strict or ours.keys() == theirs.keys())
+    acc_source = source["metrics"].get("test_accuracy")
+    acc_copy = copy["metrics"].get("test_accuracy")
+    same_accuracy = not strict or acc_source == acc_copy
+    print(f"source run        {source['run_id']} ({source['run_name']})")
+    print(f"reproduction run  {copy['run_id']} ({copy['run_name']})")
+    print(
+        f"train_loss        {len(shared)} shared steps, "
+        f"{sum(d == 0 for d in diffs)} identical, max |difference| {max(diffs, default=0):.3g}"
+        + ("" if ours.keys() == theirs.keys() else f" ({len(theirs)} vs {len(ours)} points)")
+    )
+    print(f"test_accuracy     {acc_source} vs {acc_copy}")
+    agree = same_losses and same_accuracy
+    print("result            " + ("IDENTICAL" if agree else "DIFFERENT"))
+    return agree
+
+
+def main() -> None:
+    """Console entry point of cnnlab-reproduce."""
+    args = sys.argv[1:]
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        sys.exit(0 if args else 2)
+    try:
+        agree = reproduce(args[0], args[1:])
+    except CnnlabError as exc:
+        sys.exit(f"cnnlab-reproduce: error: {exc}")
+    except OmegaConfBaseException as exc:
+        sys.exit(f"cnnlab-reproduce: error: {schema.describe_config_error(exc)}")
+    if not agree:
+        sys.exit("cnnlab-reproduce: error: the reproduction differs from the source run")
