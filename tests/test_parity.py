@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
-from torchvision import transforms
-from torchvision.datasets import MNIST
 
+from cnnlab.bench import article_training
 from cnnlab.train import train
 
 
@@ -33,34 +31,11 @@ class ArticleConvNet(nn.Module):
         return self.layers(x)
 
 
-def article_losses(root, epochs: int, log_every: int) -> list[float]:
-    """The article's __main__ block with its print turned into a list (and a smaller window)."""
-    torch.manual_seed(42)
-    dataset = MNIST(str(root), download=False, transform=transforms.ToTensor())
-    trainloader = DataLoader(dataset, batch_size=10, shuffle=True, num_workers=1)
-    convnet = ArticleConvNet()
-    loss_function = nn.CrossEntropyLoss()
-    optimizer = torch.optim.Adam(convnet.parameters(), lr=1e-4)
-    losses = []
-    for _epoch in range(0, epochs):
-        current_loss = 0.0
-        for i, data in enumerate(trainloader, 0):
-            inputs, targets = data
-            optimizer.zero_grad()
-            outputs = convnet(inputs)
-            loss = loss_function(outputs, targets)
-            loss.backward()
-            optimizer.step()
-            current_loss += loss.item()
-            if i % log_every == log_every - 1:
-                losses.append(current_loss / log_every)
-                current_loss = 0.0
-    return losses
-
-
 def test_default_config_logs_the_articles_losses(compose_cfg, tiny_data, tiny_overrides):
     root, _ = tiny_data
-    expected = article_losses(root, epochs=2, log_every=20)
+    # The article's script (torchvision MNIST + ToTensor, shuffled DataLoader with one worker,
+    # seed 42, Adam 1e-4, batch 10) for 2 epochs of the 600 synthetic images.
+    expected, _ = article_training(root, batches=2 * 60, log_every=20, device=torch.device("cpu"))
 
     cfg = compose_cfg([*tiny_overrides, "train.epochs=2", "tracking.log_model=false"])
     assert (cfg.train.batch_size, cfg.train.seed, cfg.optimizer.lr) == (10, 42, 1e-4)

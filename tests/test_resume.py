@@ -1,4 +1,4 @@
-"""Resume: a run stopped by Ctrl-C, SIGTERM or SIGKILL continues to the numbers of an unbroken run."""
+"""Resume: a run stopped by Ctrl-C, SIGTERM or SIGKILL ends as if never stopped."""
 
 from __future__ import annotations
 
