@@ -28,7 +28,7 @@ def reproduce(run_id: str, overrides: list[str]) -> bool:
     source = run_record(uri, run_id)
     cfg = schema.typed_config(run_config(uri, run_id), overrides)
     cfg.tracking.uri, cfg.train.resume = uri, None
-    cfg.tracking.run_name = cfg.tracking.run_name or f"reproduce {source['run_name']}"
+    cfg.tracking.run_name = f"reproduce {source['run_name']}"
     warn_about_differences(source["tags"])
 
     train(cfg, extra_tags={"cnnlab.reproduces": run_id})

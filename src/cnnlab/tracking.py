@@ -30,6 +30,9 @@ from mlflow.tracking import MlflowClient
 
 from cnnlab import CnnlabError
 
+# MLflow draws a progress bar for every artifact download; cnnlab's output stays readable.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 _PARAMS_PER_BATCH = 100  # MLflow's cap on params in one log_batch call
 _PARAM_VALUE_CHARS = 6000  # MLflow's cap on one param value
 

@@ -54,12 +54,12 @@ schema.register()
 def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
     """Train the configured model and log the run; return the final test accuracy."""
     uri = resolve_uri(cfg.tracking.uri, Path.cwd())
+    if cfg.tracking.enabled or cfg.train.resume:
+        check_reachable(uri)  # seconds, not a whole epoch, to learn the server is down
     if cfg.train.resume:
         cfg = resumed_config(cfg.train.resume, uri)  # the run's own config, not today's conf/
     schema.validate(cfg)
     device = setup_hardware(cfg.hardware, cfg.hardware.threads or threads_per_job())
-    if cfg.tracking.enabled:
-        check_reachable(uri)  # seconds, not a whole epoch, to learn the server is down
 
     data = load_dataset(**cfg.data)
     train_split, test_split = data.train.to(device), data.test.to(device)
