@@ -95,7 +95,8 @@ def fit(
     with stop_requests() as stop, tempfile.TemporaryDirectory() as tmp:
         last = Path(tmp) / "last.pt"
         for epoch in range(at.epoch, cfg.train.epochs):
-            print(f"Starting epoch {epoch + 1}")
+            resuming = f" (resuming at mini-batch {at.batch + 1})" if at.batch else ""
+            print(f"Starting epoch {epoch + 1}{resuming}")
             torch.set_rng_state(at.rng)  # an epoch cut short re-draws the same order
             try:
                 for batch, loss in train_one_epoch(
