@@ -175,3 +175,14 @@ def test_a_sweep_process_reads_a_dataset_once_until_a_file_changes(tmp_path):
     path.write_bytes(path.read_bytes()[:-1] + b"\x09")  # same size, new content and mtime
     with pytest.raises(DataError, match="corrupt or truncated"):
         load(tmp_path, md5)
+
+
+def test_a_bit_flipped_gzip_is_reported(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    md5 = write_dataset(raw, n_train=50, n_test=20, gz=True)
+    path = raw / (FILES["train_images"] + ".gz")
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # inside the deflate stream: zlib, not the gzip header, fails
+    path.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz is corrupt or truncated"):
+        load(tmp_path, md5)

@@ -105,6 +105,13 @@ def test_resume_errors_are_one_line(tiny_overrides, tmp_path):
     again = cnnlab_train([f"train.resume={run_id}", f"tracking.uri={uri}"], tmp_path)
     assert again.returncode != 0 and "already trained all 2 epochs" in again.stderr
     assert the_run(uri).info.status == "FINISHED"  # a refused resume leaves the run as it was
+    changed = cnnlab_train(
+        [f"train.resume={run_id}", f"tracking.uri={uri}", "train.epochs=5"], tmp_path
+    )
+    assert changed.returncode != 0
+    assert (
+        "train.epochs=5 can't change it" in changed.stderr and "cnnlab-reproduce" in changed.stderr
+    )
     missing = cnnlab_train([f"train.resume={'0' * 32}", f"tracking.uri={uri}"], tmp_path)
     assert missing.returncode != 0 and f"no run {'0' * 32}" in missing.stderr
     assert done.returncode == 0

@@ -75,6 +75,14 @@ def test_a_sweep_is_one_parent_with_named_children_and_a_summary(tiny_overrides,
     assert jobs == ["0", "1", "2", "3"]
 
 
+def test_jobs_failing_before_their_run_exists_still_fail_the_sweep(tiny_overrides, tmp_path):
+    # batch_size=0 fails validation before any run is opened; tracking is off altogether.
+    done = sweep([*tiny_overrides, "train.batch_size=0,10", "tracking.enabled=false"], tmp_path)
+    assert done.returncode != 0
+    assert "1 sweep job(s) failed: #0 " in done.stderr and "train.batch_size=0" in done.stderr
+    assert "Epoch 1: test loss" in done.stdout  # the other job still ran
+
+
 def test_parallel_jobs_on_sqlite_lose_nothing(tiny_overrides, tmp_path):
     seeds = ",".join(str(s) for s in range(1, 9))
     done = sweep(

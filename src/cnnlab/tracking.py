@@ -114,6 +114,10 @@ class Tracker:
         """Copy a folder into the run's artifacts."""
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
+    def status(self) -> str:
+        """RUNNING, FINISHED, FAILED or KILLED."""
+        return self.client.get_run(self.run_id).info.status
+
     def set_running(self) -> None:
         """Mark the run RUNNING again, to continue it."""
         self.client.update_run(self.run_id, status="RUNNING")
@@ -209,6 +213,7 @@ class LoadedModel(torch.nn.Module):
 
 def load_model(model_ref: str, tracking_uri: str) -> LoadedModel:
     """Load a logged model back as a CPU module: a models:/ or runs:/ URI, or a run id."""
+    check_reachable(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     model_uri = model_ref
     if "://" not in model_ref and ":/" not in model_ref:  # a run id: the model that run logged

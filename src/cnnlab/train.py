@@ -49,6 +49,7 @@ _PACKAGED_CONF = Path(__file__).with_name("conf")
 CONF_DIR = str(_PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).parents[2] / "conf")
 
 schema.register()
+_DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before any job changes it
 
 
 def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
@@ -91,6 +92,8 @@ def fit(
     """Train the epochs from `at` on, logging as it goes; checkpoint each epoch and on a stop."""
     batches_per_epoch = -(-len(train_split) // cfg.train.batch_size)
     accuracy = math.nan
+    if at.epoch >= cfg.train.epochs:  # a resumed run that had trained every epoch already
+        accuracy = evaluate(model, test_split, cfg.train.eval_batch_size)[1]
     show_bar = sys.stderr.isatty()
     with stop_requests() as stop, tempfile.TemporaryDirectory() as tmp:
         last = Path(tmp) / "last.pt"
@@ -139,8 +142,10 @@ def open_run(
             if path is None:
                 raise CnnlabError(f"run {run.run_id} has no checkpoint to resume from")
             at = checkpoint.load(path, model, optimizer)
-        if at.epoch >= cfg.train.epochs:
+        if at.epoch >= cfg.train.epochs and run.status() == "FINISHED":
             raise CnnlabError(f"run {run.run_id} already trained all {cfg.train.epochs} epochs")
+        # (Killed after its last epoch, e.g. while logging the model: fit has nothing left to
+        # train, and the run is finished below.)
         run.skip_logged_steps(["train_loss", "test_loss", "test_accuracy", "epoch"])
         run.set_running()  # also after a SIGKILL left it RUNNING
         with closing_run(run):
@@ -156,9 +161,25 @@ def open_run(
         yield run, Progress()  # RNG state now: right after the model's initialisation
 
 
+# What a resume may change of the logged config: where it runs and where the data is.
+_RESUME_MAY_CHANGE = ("hardware.", "data.root=", "tracking.uri=", "train.resume=")
+
+
 def resumed_config(run_id: str, uri: str) -> DictConfig:
     """The config run `run_id` logged, set to continue that run in the store at `uri`."""
-    cfg = schema.typed_config(run_config(uri, run_id))
+    # hardware=cpu (a group) means hardware.device=cpu: the options are named after devices.
+    overrides = [
+        o.replace("hardware=", "hardware.device=", 1) if o.startswith("hardware=") else o
+        for o in command_line_overrides()
+    ]
+    other = [o for o in overrides if not o.startswith(_RESUME_MAY_CHANGE)]
+    if other:
+        raise CnnlabError(
+            f"train.resume continues the logged config; {other[0]} can't change it (only "
+            "hardware.*, data.root and tracking.uri can); use cnnlab-reproduce for a new run"
+        )
+    kept = [o for o in overrides if not o.startswith(("tracking.uri=", "train.resume="))]
+    cfg = schema.typed_config(run_config(uri, run_id), kept)
     cfg.train.resume = run_id
     cfg.tracking.uri = uri
     return cfg
@@ -192,12 +213,12 @@ def stop_requests() -> Iterator[Callable[[], bool]]:
 
 def setup_hardware(hardware: DictConfig, threads: int = 0) -> torch.device:
     """Apply threads (0: torch's default) and determinism; return the device to train on."""
-    if threads:
-        torch.set_num_threads(threads)
+    # Set both ways every time: jobs of a sweep share this process.
+    torch.set_num_threads(threads or _DEFAULT_THREADS)
     if hardware.deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; harmless on the CPU.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(bool(hardware.deterministic))
     name = hardware.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -294,7 +315,10 @@ def hydra_main(cfg: DictConfig) -> float:
     try:
         return train(cfg)
     except Exception as exc:
+        if isinstance(exc.__cause__, CnnlabError):  # e.g. a model's error inside instantiate()
+            exc = exc.__cause__
         if in_sweep():  # the run is already marked FAILED with the reason; the sweep goes on
+            sweep.record_failure(exc)
             print(f"cnnlab-train: job failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             if failure_is_a_value():
                 return float("nan")
@@ -310,14 +334,17 @@ def run_cli(prog: str, hydra_task: Callable[[], Any]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         hydra_task()
-        if sweep.failed_jobs:
+        sweep.end_open_parent("FAILED")  # only if the sweep ended without its summary
+        if failed := sweep.failed_jobs():
             sys.exit(
-                f"{prog}: error: {len(sweep.failed_jobs)} sweep job(s) failed: "
-                f"{', '.join(sweep.failed_jobs)}; the reasons are in their runs' cnnlab.error tag"
+                f"{prog}: error: {len(failed)} sweep job(s) failed: {'; '.join(failed)}; "
+                "the reasons are in their runs' cnnlab.error tag and the multirun folder"
             )
     except (HydraException, OmegaConfBaseException) as exc:
+        sweep.end_open_parent("FAILED")
         sys.exit(f"{prog}: error: {schema.describe_config_error(exc)}")
     except KeyboardInterrupt:
+        sweep.end_open_parent("KILLED")
         print(f"{prog}: interrupted; an open run is marked KILLED", file=sys.stderr)
         sys.exit(130)
 
