@@ -37,22 +37,26 @@ def test_loads_raw_and_gzipped_files_as_the_articles_tensors(tmp_path, gz):
     assert len(data.checksum) == 32
 
 
-def test_a_corrupt_file_is_reported_not_used(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
-    md5 = write_dataset(raw, n_train=50, n_test=20)
-    blob = bytearray((raw / FILES["train_images"]).read_bytes())
-    blob[100] ^= 0xFF
-    (raw / FILES["train_images"]).write_bytes(bytes(blob))
-    with pytest.raises(DataError, match="train-images-idx3-ubyte is corrupt or truncated"):
-        load(tmp_path, md5)
+def flip_middle_byte(blob: bytes) -> bytes:
+    damaged = bytearray(blob)
+    damaged[len(damaged) // 2] ^= 0xFF
+    return bytes(damaged)
 
 
-def test_a_truncated_gzip_is_reported(tmp_path):
+@pytest.mark.parametrize(
+    "gz,key,damage",
+    [
+        (False, "train_images", flip_middle_byte),  # wrong content: caught by the md5 check
+        (True, "test_labels", lambda blob: blob[:-12]),  # a truncated gzip
+        (True, "train_images", flip_middle_byte),  # a broken deflate stream (zlib.error)
+    ],
+)
+def test_a_damaged_file_is_reported_by_name_not_used(tmp_path, gz, key, damage):
     raw = tmp_path / "MNIST" / "raw"
-    md5 = write_dataset(raw, n_train=50, n_test=20, gz=True)
-    path = raw / (FILES["test_labels"] + ".gz")
-    path.write_bytes(path.read_bytes()[:-12])
-    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz is corrupt or truncated"):
+    md5 = write_dataset(raw, n_train=50, n_test=20, gz=gz)
+    path = raw / (FILES[key] + (".gz" if gz else ""))
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(DataError, match=f"{path.name} is corrupt or truncated"):
         load(tmp_path, md5)
 
 
@@ -174,15 +178,4 @@ def test_a_sweep_process_reads_a_dataset_once_until_a_file_changes(tmp_path):
     path = raw / FILES["test_labels"]
     path.write_bytes(path.read_bytes()[:-1] + b"\x09")  # same size, new content and mtime
     with pytest.raises(DataError, match="corrupt or truncated"):
-        load(tmp_path, md5)
-
-
-def test_a_bit_flipped_gzip_is_reported(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
-    md5 = write_dataset(raw, n_train=50, n_test=20, gz=True)
-    path = raw / (FILES["train_images"] + ".gz")
-    blob = bytearray(path.read_bytes())
-    blob[len(blob) // 2] ^= 0xFF  # inside the deflate stream: zlib, not the gzip header, fails
-    path.write_bytes(bytes(blob))
-    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz is corrupt or truncated"):
         load(tmp_path, md5)
