@@ -30,9 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnlab import CnnlabError, schema
 from cnnlab.data import Dataset, load_dataset
-from cnnlab.loop import flat_parameters, train_one_epoch
+from cnnlab.loop import train_one_epoch
 from cnnlab.models import ConvNet
-from cnnlab.train import CONF_DIR, run_cli, setup_hardware, train
+from cnnlab.train import CONF_DIR, build_model, run_cli, setup_hardware, train
 
 
 def article_training(
@@ -80,10 +80,7 @@ def cnnlab_training(
     train_split = data.train.to(device)
     _sync(device)
     start = time.perf_counter()
-    torch.manual_seed(cfg.train.seed)
-    model = instantiate(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes)
-    model = model.to(device)
-    optimizer = instantiate(cfg.optimizer, _convert_="all")([flat_parameters(model)])
+    model, optimizer = build_model(cfg, data, device)
     losses = []
     for batch, loss in train_one_epoch(
         model, optimizer, train_split, cfg.train.batch_size, cfg.train.log_every
@@ -259,9 +256,7 @@ def probe_first_step(store: str, data_root: str, mark: Callable[[str], None]) ->
         mark("store+run")
         data = load_dataset(**cfg.data)
         mark("data")
-        torch.manual_seed(0)
-        model = instantiate(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes)
-        optimizer = instantiate(cfg.optimizer, _convert_="all")([flat_parameters(model)])
+        model, optimizer = build_model(cfg, data, torch.device("cpu"))
         optimizer.zero_grad(set_to_none=False)
         F.cross_entropy(model(data.train.images[:10]), data.train.labels[:10]).backward()
         optimizer.step()

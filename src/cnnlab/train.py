@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab import CnnlabError, __version__, checkpoint, schema, sweep
 from cnnlab.checkpoint import Progress
-from cnnlab.data import Split, load_dataset
+from cnnlab.data import Dataset, Split, load_dataset
 from cnnlab.loop import TrainingInterrupted, evaluate, flat_parameters, train_one_epoch
 from cnnlab.sweep import failure_is_a_value, in_sweep, job_tags
 from cnnlab.tracking import (
@@ -65,10 +65,7 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
     data = load_dataset(**cfg.data)
     train_split, test_split = data.train.to(device), data.test.to(device)
 
-    torch.manual_seed(cfg.train.seed)  # the article seeds right before the model initialises
-    model = instantiate(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes)
-    model = model.to(device)
-    optimizer = instantiate(cfg.optimizer, _convert_="all")([flat_parameters(model)])
+    model, optimizer = build_model(cfg, data, device)
 
     with open_run(cfg, uri, device, data.checksum, extra_tags, model, optimizer) as (run, at):
         accuracy = fit(cfg, model, optimizer, train_split, test_split, run, at)
@@ -78,6 +75,17 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
             run.set_tags({"cnnlab.model_uri": model_uri})
     print("Training process has finished.")
     return accuracy
+
+
+def build_model(
+    cfg: DictConfig, data: Dataset, device: torch.device
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The seeded model on `device`, and its optimizer over one flat parameter buffer."""
+    torch.manual_seed(cfg.train.seed)  # the article seeds right before the model initialises
+    model = instantiate(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes)
+    model = model.to(device)
+    optimizer = instantiate(cfg.optimizer, _convert_="all")([flat_parameters(model)])
+    return model, optimizer
 
 
 def fit(
