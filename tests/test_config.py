@@ -110,11 +110,12 @@ def test_sgd_momentum_range(compose_cfg):
         ("train.batch_size=-1", "train.batch_size=-1 is invalid"),
         ("train.bacth_size=3", "train.bacth_size"),
         ("optimizer.lr=fast", "optimizer.lr"),
+        ("hardware=cpu hardware.cuda_graphs=true", "needs a CUDA device"),
     ],
 )
 def test_cli_rejects_bad_values_before_creating_a_store(tmp_path, override, expected):
     done = subprocess.run(
-        [BIN / "cnnlab-train", override, "data.root=/nonexistent"],
+        [BIN / "cnnlab-train", *override.split(), "data.root=/nonexistent"],
         cwd=tmp_path, capture_output=True, text=True, env=cli_env(), timeout=120,
     )  # fmt: skip
     assert done.returncode != 0

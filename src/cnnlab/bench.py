@@ -32,6 +32,7 @@ from cnnlab import CnnlabError, schema
 from cnnlab.data import Dataset, load_dataset
 from cnnlab.loop import train_one_epoch
 from cnnlab.models import ConvNet
+from cnnlab.step import TrainStep
 from cnnlab.train import CONF_DIR, build_model, run_cli, setup_hardware, train
 
 
@@ -82,9 +83,8 @@ def cnnlab_training(
     start = time.perf_counter()
     model, optimizer = build_model(cfg, data, device)
     losses = []
-    for batch, loss in train_one_epoch(
-        model, optimizer, train_split, cfg.train.batch_size, cfg.train.log_every
-    ):
+    step = TrainStep(model, optimizer, train_split, cfg.hardware.cuda_graphs)
+    for batch, loss in train_one_epoch(step, cfg.train.batch_size, cfg.train.log_every):
         losses.append(loss)
         if batch >= batches:
             break
@@ -257,9 +257,7 @@ def probe_first_step(store: str, data_root: str, mark: Callable[[str], None]) ->
         data = load_dataset(**cfg.data)
         mark("data")
         model, optimizer = build_model(cfg, data, torch.device("cpu"))
-        optimizer.zero_grad(set_to_none=False)
-        F.cross_entropy(model(data.train.images[:10]), data.train.labels[:10]).backward()
-        optimizer.step()
+        TrainStep(model, optimizer, data.train)(torch.arange(cfg.train.batch_size))
         mark("first step")
 
 

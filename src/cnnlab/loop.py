@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from cnnlab import CnnlabError
 from cnnlab.data import Split
+from cnnlab.step import TrainStep
 
 
 class NonFiniteLossError(CnnlabError):
@@ -32,28 +33,6 @@ def epoch_order(n: int) -> Tensor:
     return torch.randperm(n, generator=generator)
 
 
-def flat_parameters(model: nn.Module) -> nn.Parameter:
-    """All of `model`'s parameters as one Parameter, each of them becoming a view into it.
-
-    Given this one tensor, an elementwise optimizer (Adam, AdamW, SGD) launches its ~8 kernels
-    once per step instead of once per parameter tensor: the same arithmetic on every element, so
-    bit-identical weights, ~10% faster at batch size 10 on a CPU. Call after `model.to(device)`.
-    """
-    params = list(model.parameters())
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    grad = torch.zeros_like(flat)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        # Backward accumulates in place into an existing .grad, so grads land in `grad` too.
-        p.data = flat[offset : offset + n].view_as(p)
-        p.grad = grad[offset : offset + n].view_as(p)
-        offset += n
-    merged = nn.Parameter(flat)
-    merged.grad = grad
-    return merged
-
-
 class TrainingInterrupted(Exception):  # noqa: N818 - a request, not an error
     """A stop was requested (Ctrl-C, SIGTERM); the epoch can continue from `next_batch`."""
 
@@ -69,9 +48,7 @@ class TrainingInterrupted(Exception):  # noqa: N818 - a request, not an error
 
 
 def train_one_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    data: Split,
+    step: TrainStep,
     batch_size: int,
     log_every: int,
     progress: bool = False,
@@ -79,34 +56,26 @@ def train_one_epoch(
     running: float = 0.0,
     stop: Callable[[], bool] = lambda: False,
 ) -> Iterator[tuple[int, float]]:
-    """Train one epoch; every `log_every` batches yield (batches done, their mean loss).
+    """Train one epoch of `step.data`; every `log_every` batches yield (batches done, mean loss).
 
     `start_batch` and `running` continue an epoch that was interrupted (the global RNG must be
     where it was when that epoch began, so the same order is drawn). `stop` is asked after each
     batch; when it answers True, TrainingInterrupted says where to continue.
     """
-    model.train()
-    n = len(data)
+    step.model.train()
+    n = len(step.data)
     epoch_rng = torch.get_rng_state()
-    order = epoch_order(n).to(data.labels.device)
-    # Summed on the device and read back only every log_every batches: a .item() per step
-    # would stall a GPU on every batch. float64 keeps the sum as exact as the article's.
-    total = torch.tensor(running, dtype=torch.float64, device=data.labels.device)
+    order = epoch_order(n).to(step.total.device)
+    # float64, like the article's Python float sum; summed on the device (see TrainStep).
+    total = step.total
+    total.fill_(running)
     starts = range(0, n, batch_size)
     batches = tqdm(
         starts[start_batch:], disable=not progress, leave=False, unit="batch",
         initial=start_batch, total=len(starts),
     )  # fmt: skip
     for i, start in enumerate(batches, start=start_batch):
-        idx = order[start : start + batch_size]
-        # Zeroed, not freed: grads must stay views into the flat buffer (see flat_parameters).
-        optimizer.zero_grad(set_to_none=False)
-        # index_select, not images[idx]: the same rows, without advanced indexing's overhead.
-        images, labels = data.images.index_select(0, idx), data.labels.index_select(0, idx)
-        loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach()
+        step(order[start : start + batch_size])
         if (i + 1) % log_every == 0:
             yield i + 1, _finite(total.item() / log_every, i + 1)
             total.zero_()

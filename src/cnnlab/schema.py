@@ -95,6 +95,7 @@ class HardwareConf:
     device: str = MISSING  # auto | cpu | cuda | cuda:N
     threads: int = MISSING  # torch intra-op threads; 0 keeps torch's default
     deterministic: bool = MISSING  # torch.use_deterministic_algorithms
+    cuda_graphs: bool = False  # replay each training step as one CUDA graph (GPU only)
 
 
 # ------------------------------------------------------------------------------ train, tracking

@@ -173,7 +173,7 @@ class Tracker:
     def log_model(self, model: Any, input_example: np.ndarray, requirements: list[str]) -> str:
         """Log `model` as an MLflow PyTorch model; return the URI that loads it."""
         # A copy whose parameters own their storage: in training they are views into one flat
-        # buffer (loop.flat_parameters), which the exported program would store whole per view.
+        # buffer (step.flat_parameters), which the exported program would store whole per view.
         model = copy.deepcopy(model).cpu().eval()
         for p in model.parameters():
             p.data = p.data.clone()

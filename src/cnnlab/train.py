@@ -30,7 +30,8 @@ from omegaconf.errors import OmegaConfBaseException
 from cnnlab import CnnlabError, __version__, checkpoint, schema, sweep
 from cnnlab.checkpoint import Progress
 from cnnlab.data import Dataset, Split, load_dataset
-from cnnlab.loop import TrainingInterrupted, evaluate, flat_parameters, train_one_epoch
+from cnnlab.loop import TrainingInterrupted, evaluate, train_one_epoch
+from cnnlab.step import TrainStep, check_cuda_graphs, flat_parameters
 from cnnlab.sweep import failure_is_a_value, in_sweep, job_tags
 from cnnlab.tracking import (
     NullTracker,
@@ -103,6 +104,7 @@ def fit(
     if at.epoch >= cfg.train.epochs:  # a resumed run that had trained every epoch already
         accuracy = evaluate(model, test_split, cfg.train.eval_batch_size)[1]
     show_bar = sys.stderr.isatty()
+    step = TrainStep(model, optimizer, train_split, cfg.hardware.cuda_graphs)
     with stop_requests() as stop, tempfile.TemporaryDirectory() as tmp:
         last = Path(tmp) / "last.pt"
         for epoch in range(at.epoch, cfg.train.epochs):
@@ -111,8 +113,8 @@ def fit(
             torch.set_rng_state(at.rng)  # an epoch cut short re-draws the same order
             try:
                 for batch, loss in train_one_epoch(
-                    model, optimizer, train_split, cfg.train.batch_size, cfg.train.log_every,
-                    show_bar, at.batch, at.running, stop,
+                    step, cfg.train.batch_size, cfg.train.log_every, show_bar, at.batch,
+                    at.running, stop,
                 ):  # fmt: skip
                     print(f"Loss after mini-batch {batch:5d}: {loss:.3f}")
                     run.log_metrics({"train_loss": loss}, step=epoch * batches_per_epoch + batch)
@@ -234,7 +236,10 @@ def setup_hardware(hardware: DictConfig, threads: int = 0) -> torch.device:
         raise CnnlabError(
             f"hardware.device={name} but no CUDA GPU is visible; use hardware=cpu or hardware=auto"
         )
-    return torch.device(name)
+    device = torch.device(name)
+    if hardware.cuda_graphs:
+        check_cuda_graphs(device)  # now, not after the data is read and the run created
+    return device
 
 
 def threads_per_job() -> int:

@@ -1,0 +1,104 @@
+"""The training step's fast paths change no number, and its CUDA-graph set-up leaves no trace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cnnlab import CnnlabError
+from cnnlab.data import Split
+from cnnlab.models import ConvNet
+from cnnlab.step import TrainStep, _adam_step, flat_parameters, optimizer_step, rehearsal
+
+OPTIMIZERS = {
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
+    "adam-l2": lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=0.1),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1),
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+}
+
+
+@pytest.fixture
+def data() -> Split:
+    generator = torch.Generator().manual_seed(1)
+    return Split(torch.rand(400, 1, 28, 28, generator=generator), torch.randint(0, 10, (400,)))
+
+
+def plain_training(data: Split, make_optimizer) -> list[torch.Tensor]:
+    """The article's way: per-tensor parameters, grads set to None, optimizer.step()."""
+    torch.manual_seed(0)
+    model = ConvNet()
+    optimizer = make_optimizer(model.parameters())
+    for s in range(0, len(data), 10):
+        optimizer.zero_grad()
+        F.cross_entropy(model(data.images[s : s + 10]), data.labels[s : s + 10]).backward()
+        optimizer.step()
+    return [p.detach() for p in model.parameters()]
+
+
+def fast_training(data: Split, make_optimizer, steps: int = 40, rehearse_at: int = -1):
+    """cnnlab's TrainStep on a flat buffer; optionally some steps rehearsed (and undone) first."""
+    torch.manual_seed(0)
+    model = ConvNet()
+    optimizer = make_optimizer([flat_parameters(model)])
+    step = TrainStep(model, optimizer, data)
+    for i in range(steps):
+        if i == rehearse_at:
+            with rehearsal(optimizer, step.total):
+                for s in (200, 300, 100):
+                    step(torch.arange(s, s + 10))
+        step(torch.arange(i * 10, i * 10 + 10))
+    return model, optimizer, step
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_train_step_trains_bit_identically_to_the_plain_loop(data, name):
+    model, optimizer, _ = fast_training(data, OPTIMIZERS[name])
+    for plain, fast in zip(plain_training(data, OPTIMIZERS[name]), model.parameters(), strict=True):
+        assert torch.equal(plain, fast)
+
+
+@pytest.mark.parametrize("name", ["adam", "adam-l2", "adamw"])
+def test_adam_takes_the_lean_step(name):
+    optimizer = OPTIMIZERS[name]([torch.nn.Parameter(torch.zeros(3))])
+    assert getattr(optimizer_step(optimizer), "func", None) is _adam_step
+    # anything the lean step does not replicate keeps torch's own step
+    optimizer.param_groups[0]["amsgrad"] = True
+    assert getattr(optimizer_step(optimizer), "func", None) is not _adam_step
+
+
+def test_lean_adam_state_is_torchs(data):
+    """A checkpoint of the lean step loads into, and continues as, torch's own Adam."""
+    _, fast, _ = fast_training(data, OPTIMIZERS["adam"], steps=12)
+    torch.manual_seed(0)
+    model = ConvNet()
+    plain = torch.optim.Adam([flat_parameters(model)], lr=1e-3)
+    for i in range(12):
+        plain.zero_grad(set_to_none=False)
+        images, labels = data.images[i * 10 : i * 10 + 10], data.labels[i * 10 : i * 10 + 10]
+        F.cross_entropy(model(images), labels).backward()
+        plain.step()
+    ours, theirs = fast.state_dict(), plain.state_dict()
+    assert ours["param_groups"] == theirs["param_groups"]
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(ours["state"][0][key], theirs["state"][0][key])
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+@pytest.mark.parametrize("rehearse_at", [0, 5])  # before the optimizer has state, and after
+def test_rehearsed_steps_leave_no_trace(data, name, rehearse_at):
+    model, optimizer, step = fast_training(data, OPTIMIZERS[name], rehearse_at=rehearse_at)
+    ref_model, ref_optimizer, ref_step = fast_training(data, OPTIMIZERS[name])
+    assert torch.equal(step.total, ref_step.total)
+    for ours, theirs in zip(model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.equal(ours, theirs)
+    for key, value in ref_optimizer.state_dict()["state"][0].items():
+        assert torch.equal(optimizer.state_dict()["state"][0][key], value)
+
+
+def test_cuda_graphs_need_a_cuda_device(data):
+    model = ConvNet()
+    optimizer = torch.optim.Adam([flat_parameters(model)])
+    with pytest.raises(CnnlabError, match="hardware=cuda"):
+        TrainStep(model, optimizer, data, cuda_graph=True)
