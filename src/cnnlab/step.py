@@ -102,12 +102,13 @@ class TrainStep:
         # Warm-up on a side stream lets cuBLAS/cuDNN and the optimizer state initialise outside
         # the capture; `rehearsal` then puts weights, optimizer state and total back, so the
         # run trains exactly the batches it would have trained eagerly.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with rehearsal(self.optimizer, self.total), torch.cuda.stream(side):
-            for _ in range(3):
-                self.eager(self._static_idx)
-        torch.cuda.current_stream().wait_stream(side)
+        with rehearsal(self.optimizer, self.total):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.eager(self._static_idx)
+            torch.cuda.current_stream().wait_stream(side)  # before rehearsal restores
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
             self.eager(self._static_idx)  # recorded, not run: nothing changes until replay
