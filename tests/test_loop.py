@@ -17,8 +17,8 @@ def test_train_one_epoch_yields_window_means_at_batch_numbers():
     data = Split(torch.rand(95, 1, 28, 28), torch.randint(0, 10, (95,)))
     model = ConvNet()
     optimizer = torch.optim.SGD([flat_parameters(model)], lr=0.01)
-    step = TrainStep(model, optimizer, data)
-    logged = list(train_one_epoch(step, batch_size=10, log_every=3))
+    step = TrainStep(model, optimizer, data, batch_size=10)
+    logged = list(train_one_epoch(step, log_every=3))
     assert [batch for batch, _ in logged] == [3, 6, 9]  # 10 batches, the last one of 5 samples
     assert all(1.5 < loss < 3.5 for _, loss in logged)  # ~ln(10) at the start
 

@@ -9,12 +9,13 @@ import torch.nn.functional as F
 from cnnlab import CnnlabError
 from cnnlab.data import Split
 from cnnlab.models import ConvNet
-from cnnlab.step import TrainStep, _adam_step, flat_parameters, optimizer_step, rehearsal
+from cnnlab.step import TrainStep, flat_parameters, rehearsal
 
 OPTIMIZERS = {
     "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
     "adam-l2": lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=0.1),
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1),
+    "adam-amsgrad": lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True),
     "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
 }
 
@@ -42,7 +43,7 @@ def fast_training(data: Split, make_optimizer, steps: int = 40, rehearse_at: int
     torch.manual_seed(0)
     model = ConvNet()
     optimizer = make_optimizer([flat_parameters(model)])
-    step = TrainStep(model, optimizer, data)
+    step = TrainStep(model, optimizer, data, batch_size=10)
     for i in range(steps):
         if i == rehearse_at:
             with rehearsal(optimizer, step.total):
@@ -59,13 +60,37 @@ def test_train_step_trains_bit_identically_to_the_plain_loop(data, name):
         assert torch.equal(plain, fast)
 
 
+def count_torch_steps(optimizer: torch.optim.Optimizer) -> list[int]:
+    calls: list[int] = []
+    torch_step = optimizer.step
+    optimizer.step = lambda: calls.append(1) or torch_step()
+    return calls
+
+
 @pytest.mark.parametrize("name", ["adam", "adam-l2", "adamw"])
-def test_adam_takes_the_lean_step(name):
-    optimizer = OPTIMIZERS[name]([torch.nn.Parameter(torch.zeros(3))])
-    assert getattr(optimizer_step(optimizer), "func", None) is _adam_step
-    # anything the lean step does not replicate keeps torch's own step
-    optimizer.param_groups[0]["amsgrad"] = True
-    assert getattr(optimizer_step(optimizer), "func", None) is not _adam_step
+def test_adam_takes_the_lean_step_after_the_first(data, name):
+    model = ConvNet()
+    optimizer = OPTIMIZERS[name]([flat_parameters(model)])
+    calls = count_torch_steps(optimizer)
+    step = TrainStep(model, optimizer, data, batch_size=10)
+    for i in range(5):
+        step(torch.arange(i * 10, i * 10 + 10))
+    assert len(calls) == 1  # torch's step only creates the state
+
+
+def test_lean_step_leaves_what_it_does_not_replicate_to_torch(data):
+    model = ConvNet()
+    optimizer = OPTIMIZERS["adam"]([flat_parameters(model)])
+    calls = count_torch_steps(optimizer)
+    hooked: list[int] = []
+    step = TrainStep(model, optimizer, data, batch_size=10)
+    step(torch.arange(10))
+    handle = optimizer.register_step_post_hook(lambda *_: hooked.append(1))
+    step(torch.arange(10, 20))  # a hook: torch's step, which runs it
+    handle.remove()
+    optimizer.param_groups[0]["maximize"] = True
+    step(torch.arange(20, 30))  # a flag it does not replicate, set after the step was built
+    assert (len(calls), len(hooked)) == (3, 1)
 
 
 def test_lean_adam_state_is_torchs(data):
@@ -97,8 +122,19 @@ def test_rehearsed_steps_leave_no_trace(data, name, rehearse_at):
         assert torch.equal(optimizer.state_dict()["state"][0][key], value)
 
 
+def test_a_graphed_runs_checkpoint_continues_eagerly(data):
+    model, optimizer, _ = fast_training(data, OPTIMIZERS["adam"], steps=3)
+    saved = optimizer.state_dict()
+    saved["param_groups"][0]["capturable"] = True  # as a run with hardware.cuda_graphs saves it
+    optimizer.load_state_dict(saved)
+    TrainStep(model, optimizer, data, batch_size=10)(torch.arange(30, 40))
+    uninterrupted, _, _ = fast_training(data, OPTIMIZERS["adam"], steps=4)
+    for ours, theirs in zip(model.parameters(), uninterrupted.parameters(), strict=True):
+        assert torch.equal(ours, theirs)
+
+
 def test_cuda_graphs_need_a_cuda_device(data):
     model = ConvNet()
     optimizer = torch.optim.Adam([flat_parameters(model)])
     with pytest.raises(CnnlabError, match="hardware=cuda"):
-        TrainStep(model, optimizer, data, cuda_graph=True)
+        TrainStep(model, optimizer, data, batch_size=10, cuda_graph=True)

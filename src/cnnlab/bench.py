@@ -83,8 +83,8 @@ def cnnlab_training(
     start = time.perf_counter()
     model, optimizer = build_model(cfg, data, device)
     losses = []
-    step = TrainStep(model, optimizer, train_split, cfg.hardware.cuda_graphs)
-    for batch, loss in train_one_epoch(step, cfg.train.batch_size, cfg.train.log_every):
+    step = TrainStep(model, optimizer, train_split, cfg.train.batch_size, cfg.hardware.cuda_graphs)
+    for batch, loss in train_one_epoch(step, cfg.train.log_every):
         losses.append(loss)
         if batch >= batches:
             break
@@ -267,7 +267,8 @@ def probe_first_step(store: str, data_root: str, mark: Callable[[str], None]) ->
         data = load_dataset(**cfg.data)
         mark("data")
         model, optimizer = build_model(cfg, data, torch.device("cpu"))
-        TrainStep(model, optimizer, data.train)(torch.arange(cfg.train.batch_size))
+        batch = cfg.train.batch_size
+        TrainStep(model, optimizer, data.train, batch)(torch.arange(batch))
         mark("first step")
 
 

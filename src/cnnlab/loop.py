@@ -49,7 +49,6 @@ class TrainingInterrupted(Exception):  # noqa: N818 - a request, not an error
 
 def train_one_epoch(
     step: TrainStep,
-    batch_size: int,
     log_every: int,
     progress: bool = False,
     start_batch: int = 0,
@@ -69,6 +68,7 @@ def train_one_epoch(
     # float64, like the article's Python float sum; summed on the device (see TrainStep).
     total = step.total
     total.fill_(running)
+    batch_size = step.batch_size
     starts = range(0, n, batch_size)
     batches = tqdm(
         starts[start_batch:], disable=not progress, leave=False, unit="batch",

@@ -15,6 +15,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+import torch.optim.optimizer as torch_optimizer
 from torch import Tensor, nn
 
 from cnnlab import CnnlabError
@@ -48,7 +49,8 @@ class TrainStep:
 
     `total` (float64, on the data's device) is read back only when the caller wants it: a
     `.item()` per step would stall a GPU on every batch. With `cuda_graph=True` the step is
-    captured once, at the first full batch, and replayed; a smaller last batch runs eagerly.
+    captured at the first batch of `batch_size` samples and replayed from then on; a smaller
+    last batch runs eagerly.
     """
 
     def __init__(
@@ -56,12 +58,16 @@ class TrainStep:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         data: Split,
+        batch_size: int,
         cuda_graph: bool = False,
     ) -> None:
         self.model, self.optimizer, self.data = model, optimizer, data
+        self.batch_size = batch_size
         self.total = torch.zeros((), dtype=torch.float64, device=data.labels.device)
         if cuda_graph:
             check_cuda_graphs(self.total.device)
+        else:
+            _set_capturable(optimizer, False)  # a checkpoint of a graphed run may say True
         self._cuda_graph = cuda_graph
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_idx: Tensor | None = None
@@ -69,13 +75,12 @@ class TrainStep:
         self._optimizer_step = optimizer_step(optimizer)
 
     def __call__(self, idx: Tensor) -> None:
-        if self._cuda_graph:
+        if self._cuda_graph and idx.numel() == self.batch_size:
             if self._graph is None:
                 self._capture(idx)
-            if self._static_idx is not None and idx.numel() == self._static_idx.numel():
-                self._static_idx.copy_(idx)
-                self._graph.replay()
-                return
+            self._static_idx.copy_(idx)
+            self._graph.replay()
+            return
         self.eager(idx)
 
     def eager(self, idx: Tensor) -> None:
@@ -90,13 +95,11 @@ class TrainStep:
         self.total.add_(loss.detach())
 
     def _capture(self, idx: Tensor) -> None:
-        """Record the step on `idx`-sized batches as a CUDA graph (torch's whole-network recipe)."""
-        for group in self.optimizer.param_groups:
-            if "capturable" in group:  # Adam & co. keep their step count on the device
-                group["capturable"] = True
-        for state in self.optimizer.state.values():  # a checkpoint loads the count on the CPU
-            if isinstance(state.get("step"), Tensor):
-                state["step"] = state["step"].to(self.total.device)
+        """Record the step on `idx`-sized batches as a CUDA graph (torch's whole-network recipe).
+
+        The graph bakes in the learning rate and every other float hyperparameter as it is now.
+        """
+        _set_capturable(self.optimizer, True)  # Adam & co. then keep their step count on the GPU
         self._optimizer_step = self.optimizer.step  # the lean CPU step is not capturable
         self._static_idx = idx.clone()
         # Warm-up on a side stream lets cuBLAS/cuDNN and the optimizer state initialise outside
@@ -105,13 +108,26 @@ class TrainStep:
         with rehearsal(self.optimizer, self.total):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self.eager(self._static_idx)
-            torch.cuda.current_stream().wait_stream(side)  # before rehearsal restores
+            try:
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        self.eager(self._static_idx)
+            finally:
+                torch.cuda.current_stream().wait_stream(side)  # before rehearsal restores
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
             self.eager(self._static_idx)  # recorded, not run: nothing changes until replay
+
+
+def _set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """Switch an optimizer that has the flag (Adam & co.) between CUDA-graph and eager steps."""
+    for group in optimizer.param_groups:
+        if "capturable" in group:
+            group["capturable"] = capturable
+            for p in group["params"]:
+                step = optimizer.state.get(p, {}).get("step")
+                if isinstance(step, Tensor):  # capturable: on the parameter's device; else CPU
+                    optimizer.state[p]["step"] = step.to(p.device if capturable else "cpu")
 
 
 def check_cuda_graphs(device: torch.device) -> None:
@@ -167,11 +183,17 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
     groups = optimizer.param_groups
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or len(groups) != 1:
         return optimizer.step
-    group = groups[0]
-    (param, *more) = group["params"]
-    plain = not (
-        more
-        or group["amsgrad"]
+    (param, *more) = groups[0]["params"]
+    if more or param.device.type != "cpu" or param.dtype != torch.float32:
+        return optimizer.step
+    decoupled = isinstance(optimizer, torch.optim.AdamW)
+    return partial(_adam_step, optimizer, param, decoupled, torch.empty_like(param))
+
+
+def _plain(group: dict) -> bool:
+    """True when an Adam param group asks for nothing beyond what `_adam_step` replicates."""
+    return not (
+        group["amsgrad"]
         or group["maximize"]
         or group.get("foreach")
         or group.get("fused")
@@ -180,20 +202,27 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
         or any(isinstance(group[k], Tensor) for k in ("lr", "weight_decay", "eps"))
         or any(isinstance(b, Tensor) for b in group["betas"])
     )
-    if not plain or param.device.type != "cpu" or param.dtype != torch.float32:
-        return optimizer.step
-    decoupled = isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay")
-    return partial(_adam_step, optimizer, group, param, bool(decoupled), torch.empty_like(param))
+
+
+def _has_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
+    # Optimizer.step runs these; the lean step would skip them, so it steps aside.
+    return bool(
+        getattr(optimizer, "_optimizer_step_pre_hooks", None)
+        or getattr(optimizer, "_optimizer_step_post_hooks", None)
+        or getattr(torch_optimizer, "_global_optimizer_pre_hooks", None)
+        or getattr(torch_optimizer, "_global_optimizer_post_hooks", None)
+    )
 
 
 @torch.no_grad()
 def _adam_step(
-    optimizer: torch.optim.Optimizer, group: dict, param: Tensor, decoupled: bool, denom: Tensor
+    optimizer: torch.optim.Optimizer, param: Tensor, decoupled: bool, denom: Tensor
 ) -> None:
-    # torch.optim.adam._single_tensor_adam's non-capturable branch, op for op.
-    state = optimizer.state[param]
-    if not state:
-        optimizer.step()  # the first step creates the state exactly as torch does
+    # torch.optim.adam._single_tensor_adam's non-capturable branch, op for op. The group and the
+    # state are looked up per call: load_state_dict replaces both.
+    group, state = optimizer.param_groups[0], optimizer.state[param]
+    if not state or param.grad is None or not _plain(group) or _has_step_hooks(optimizer):
+        optimizer.step()  # e.g. the first step, which creates the state exactly as torch does
         return
     lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
     beta1, beta2 = group["betas"]
@@ -202,7 +231,7 @@ def _adam_step(
     )  # fmt: skip
     step_t += 1
     if weight_decay != 0:
-        if decoupled:
+        if decoupled or group.get("decoupled_weight_decay"):
             param.mul_(1 - lr * weight_decay)
         else:
             grad = grad.add(param, alpha=weight_decay)

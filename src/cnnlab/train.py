@@ -104,7 +104,7 @@ def fit(
     if at.epoch >= cfg.train.epochs:  # a resumed run that had trained every epoch already
         accuracy = evaluate(model, test_split, cfg.train.eval_batch_size)[1]
     show_bar = sys.stderr.isatty()
-    step = TrainStep(model, optimizer, train_split, cfg.hardware.cuda_graphs)
+    step = TrainStep(model, optimizer, train_split, cfg.train.batch_size, cfg.hardware.cuda_graphs)
     with stop_requests() as stop, tempfile.TemporaryDirectory() as tmp:
         last = Path(tmp) / "last.pt"
         for epoch in range(at.epoch, cfg.train.epochs):
@@ -113,9 +113,8 @@ def fit(
             torch.set_rng_state(at.rng)  # an epoch cut short re-draws the same order
             try:
                 for batch, loss in train_one_epoch(
-                    step, cfg.train.batch_size, cfg.train.log_every, show_bar, at.batch,
-                    at.running, stop,
-                ):  # fmt: skip
+                    step, cfg.train.log_every, show_bar, at.batch, at.running, stop
+                ):
                     print(f"Loss after mini-batch {batch:5d}: {loss:.3f}")
                     run.log_metrics({"train_loss": loss}, step=epoch * batches_per_epoch + batch)
             except TrainingInterrupted as cut:
