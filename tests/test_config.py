@@ -99,6 +99,24 @@ def test_impossible_values_name_the_key(compose_cfg, override, key):
         schema.validate(cfg)
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "+train.bacth_size=64",
+            "train.bacth_size is not a config key; did you mean train.batch_size?",
+        ),
+        ("+optimizer.momentum=0.9", "optimizer.momentum is not a config key"),  # adam has none
+        ("+data.md5.extra=x", "data.md5.extra is not a config key"),
+        ("+foo=1", "foo is not a config key"),
+    ],
+)
+def test_appended_keys_outside_the_schema_are_rejected(compose_cfg, override, message):
+    # Hydra's `+key=` appends even to a typed node; validate is what catches it.
+    with pytest.raises(schema.ConfigError, match=f"^{message}"):
+        schema.validate(compose_cfg([override]))
+
+
 def test_sgd_momentum_range(compose_cfg):
     with pytest.raises(schema.ConfigError, match="optimizer.momentum"):
         schema.validate(compose_cfg(["optimizer=sgd", "optimizer.momentum=1.0"]))

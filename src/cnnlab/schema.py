@@ -230,7 +230,8 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError naming the first key whose value cannot work."""
+    """Raise ConfigError naming the first key the schema lacks or whose value cannot work."""
+    _reject_unknown_keys(cfg)
     for key, ok, expected in _RULES:
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
@@ -241,6 +242,27 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} is invalid: expected {expected}; set {key}=<value>")
 
 
+def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
+    # Hydra's `+key=value` appends a key even to a typed node: without this check a misspelled
+    # `+train.bacth_size=64` would train with the default batch size and say nothing.
+    schema = OmegaConf.get_type(node)
+    known = [f.name for f in fields(schema)] if is_dataclass(schema) else None
+    for key in node.keys():
+        if known is not None and key not in known:
+            raise ConfigError(_not_a_key(f"{prefix}{key}", known))
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            _reject_unknown_keys(child, f"{prefix}{key}.")
+
+
+def _not_a_key(key: str, siblings: list[str]) -> str:
+    parent, _, name = key.rpartition(".")
+    guess = difflib.get_close_matches(name, siblings, n=1)
+    where = f"{parent}." if parent else ""
+    hint = f"did you mean {where}{guess[0]}?" if guess else f"valid keys: {', '.join(siblings)}"
+    return f"{key} is not a config key; {hint} (`cnnlab-train --cfg job` lists them all)"
+
+
 def describe_config_error(exc: Exception) -> str:
     """One line for a Hydra/OmegaConf composition error: the key, what is wrong, the fix."""
     cause = exc.__cause__ or exc
@@ -249,14 +271,8 @@ def describe_config_error(exc: Exception) -> str:
         group, _, option = (exc.missing_cfg_file or "").rpartition("/")
         return f"{group}={option} is not an option; choose one of {', '.join(exc.options)}"
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
-        parent, _, name = key.rpartition(".")
         schema = getattr(cause, "object_type", None)  # the dataclass that lacks the key
-        siblings = [f.name for f in fields(schema)] if is_dataclass(schema) else []
-        guess = difflib.get_close_matches(name, siblings, n=1)
-        hint = (
-            f"did you mean {parent}.{guess[0]}?" if guess else f"valid keys: {', '.join(siblings)}"
-        )
-        return f"{key} is not a config key; {hint} (`cnnlab-train --cfg job` lists them all)"
+        return _not_a_key(key, [f.name for f in fields(schema)] if is_dataclass(schema) else [])
     if isinstance(cause, OmegaConfBaseException) and key:
         return f"{key}: {str(cause).splitlines()[0]}"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
