@@ -156,3 +156,9 @@ def test_help_lists_every_option_of_every_group(tmp_path):
     for group, options in GROUPS.items():
         line = next(ln for ln in done.stdout.splitlines() if ln.startswith(f"{group}: "))
         assert sorted(line.split(": ", 1)[1].split(", ")) == options
+
+
+def test_configs_logged_before_cuda_graphs_existed_still_type(compose_cfg):
+    logged = OmegaConf.to_container(compose_cfg(), resolve=True)
+    del logged["hardware"]["cuda_graphs"]
+    assert schema.typed_config(logged).hardware.cuda_graphs is False

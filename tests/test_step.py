@@ -78,19 +78,41 @@ def test_adam_takes_the_lean_step_after_the_first(data, name):
     assert len(calls) == 1  # torch's step only creates the state
 
 
-def test_lean_step_leaves_what_it_does_not_replicate_to_torch(data):
+def test_lean_step_runs_step_hooks(data):
     model = ConvNet()
     optimizer = OPTIMIZERS["adam"]([flat_parameters(model)])
-    calls = count_torch_steps(optimizer)
     hooked: list[int] = []
+    optimizer.register_step_post_hook(lambda *_: hooked.append(1))
     step = TrainStep(model, optimizer, data, batch_size=10)
-    step(torch.arange(10))
-    handle = optimizer.register_step_post_hook(lambda *_: hooked.append(1))
-    step(torch.arange(10, 20))  # a hook: torch's step, which runs it
-    handle.remove()
-    optimizer.param_groups[0]["maximize"] = True
-    step(torch.arange(20, 30))  # a flag it does not replicate, set after the step was built
-    assert (len(calls), len(hooked)) == (3, 1)
+    for i in range(3):
+        step(torch.arange(i * 10, i * 10 + 10))
+    assert len(hooked) == 3
+
+
+def test_lean_step_honours_flags_set_after_it_was_built(data):
+    def after_switch(model, optimizer, train_on):
+        for i in range(4):
+            if i == 2:
+                optimizer.param_groups[0]["maximize"] = True  # a flag it does not replicate
+            train_on(torch.arange(i * 10, i * 10 + 10))
+        return list(model.parameters())
+
+    torch.manual_seed(0)
+    model = ConvNet()
+    optimizer = OPTIMIZERS["adam"]([flat_parameters(model)])
+    ours = after_switch(model, optimizer, TrainStep(model, optimizer, data, batch_size=10))
+
+    torch.manual_seed(0)
+    ref = ConvNet()
+    ref_optimizer = OPTIMIZERS["adam"](ref.parameters())
+
+    def plain(idx):
+        ref_optimizer.zero_grad()
+        F.cross_entropy(ref(data.images[idx]), data.labels[idx]).backward()
+        ref_optimizer.step()
+
+    for a, b in zip(ours, after_switch(ref, ref_optimizer, plain), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_lean_adam_state_is_torchs(data):
@@ -138,3 +160,24 @@ def test_cuda_graphs_need_a_cuda_device(data):
     optimizer = torch.optim.Adam([flat_parameters(model)])
     with pytest.raises(CnnlabError, match="hardware=cuda"):
         TrainStep(model, optimizer, data, batch_size=10, cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_trains_like_the_eager_step(data):
+    gpu = Split(data.images[:95].cuda(), data.labels[:95].cuda())  # the 10th batch has 5 samples
+
+    def losses(cuda_graph: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = ConvNet().cuda()
+        optimizer = torch.optim.Adam([flat_parameters(model)], lr=1e-3)
+        step = TrainStep(model, optimizer, gpu, batch_size=10, cuda_graph=cuda_graph)
+        out = []
+        for _ in range(2):  # two epochs: the graph is replayed across them
+            for start in range(0, 95, 10):
+                step(torch.arange(start, min(start + 10, 95), device="cuda"))
+                out.append(step.total.item())
+                step.total.zero_()
+        return out
+
+    eager, graphed = losses(False), losses(True)
+    assert graphed == pytest.approx(eager, rel=1e-4)  # the warm-up trained nothing extra

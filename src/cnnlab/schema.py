@@ -250,9 +250,8 @@ def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
     for key in node.keys():
         if known is not None and key not in known:
             raise ConfigError(_not_a_key(f"{prefix}{key}", known))
-        child = node._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
-            _reject_unknown_keys(child, f"{prefix}{key}.")
+        if not OmegaConf.is_missing(node, key) and isinstance(node[key], DictConfig):
+            _reject_unknown_keys(node[key], f"{prefix}{key}.")
 
 
 def _not_a_key(key: str, siblings: list[str]) -> str:

@@ -42,7 +42,10 @@ _clock = {"seconds": 0.0, "depth": 0}
 
 
 def mlflow_seconds() -> float:
-    """Wall time this process has spent in cnnlab's MLflow calls (cnnlab-bench reports it)."""
+    """Wall time this process has spent creating runs and in Tracker's writes to them.
+
+    A running total that only cnnlab-bench reads; reads (resume, reproduce) are not counted.
+    """
     return _clock["seconds"]
 
 

@@ -236,6 +236,8 @@ def setup_hardware(hardware: DictConfig, threads: int = 0) -> torch.device:
             f"hardware.device={name} but no CUDA GPU is visible; use hardware=cpu or hardware=auto"
         )
     device = torch.device(name)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # streams, graphs and libraries then use this GPU too
     if hardware.cuda_graphs:
         check_cuda_graphs(device)  # now, not after the data is read and the run created
     return device
