@@ -163,15 +163,14 @@ def section_article(cfg: DictConfig, data: Dataset, device: torch.device) -> lis
         return measure
 
     root = data.raw_dir.parent.parent
-    sides = {
-        "article": side("article", lambda: article_training(root, batches, 500, device)),
-        "cnnlab": side("cnnlab", lambda: cnnlab_training(cfg, data, batches, device)),
+    runs = {
+        "article": lambda: article_training(root, batches, 500, device),
+        "cnnlab": lambda: cnnlab_training(cfg, data, batches, device),
     }
     if device.type == "cuda" and not cfg.hardware.cuda_graphs:
         graphed = OmegaConf.merge(cfg, {"hardware": {"cuda_graphs": True}})
-        sides["cnnlab + CUDA graph"] = side(
-            "cnnlab + CUDA graph", lambda: cnnlab_training(graphed, data, batches, device)
-        )
+        runs["cnnlab + CUDA graph"] = lambda: cnnlab_training(graphed, data, batches, device)
+    sides = {name: side(name, run) for name, run in runs.items()}
     rounds = alternate(cfg.bench.rounds, sides)
     epochs_5 = 5 * len(data.train)  # the article's whole run
     lines = [

@@ -147,7 +147,7 @@ def rehearsal(optimizer: torch.optim.Optimizer, total: Tensor) -> Iterator[None]
     in place (same storage, as a captured graph needs), and state the steps created is zeroed:
     Adam's initial state, and SGD's with momentum as long as dampening is 0 (cnnlab's schema
     has no dampening key)."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    params = _params(optimizer)
     saved_params = [p.detach().clone() for p in params]
     saved_state = {
         p: {k: v.clone() for k, v in state.items() if isinstance(v, Tensor)}
@@ -168,9 +168,13 @@ def rehearsal(optimizer: torch.optim.Optimizer, total: Tensor) -> Iterator[None]
             total.copy_(saved_total)
 
 
+def _params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def _zero_grad(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
     # Zeroed, not freed: grads must stay views into the flat buffer (see flat_parameters).
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    params = _params(optimizer)
     if len(params) == 1 and params[0].grad is not None:
         return params[0].grad.zero_  # what zero_grad does, without its per-call bookkeeping
     return partial(optimizer.zero_grad, set_to_none=False)
