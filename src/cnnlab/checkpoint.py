@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cnnlab import CnnlabError
+
 
 @dataclass
 class Progress:
@@ -22,17 +24,21 @@ class Progress:
 
 def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, at: Progress) -> None:
     """Write model, optimizer, RNG and position to `path` (tensors and numbers only)."""
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": at.epoch,
-            "batch": at.batch,
-            "running": at.running,
-            "rng": at.rng,
-        },
-        path,
-    )
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": at.epoch,
+        "batch": at.batch,
+        "running": at.running,
+        "rng": at.rng,
+    }
+    try:
+        torch.save(state, path)
+    except (OSError, RuntimeError) as exc:  # a full disk: torch's writer raises RuntimeError
+        raise CnnlabError(
+            f"cannot write the checkpoint {path} ({str(exc).splitlines()[0]}); free disk space, "
+            "then continue the run with train.resume=<its run id>"
+        ) from exc
 
 
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> Progress:

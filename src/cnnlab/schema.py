@@ -116,6 +116,9 @@ class TrackingConf:
     experiment: str = MISSING
     run_name: str | None = None
     log_model: bool = MISSING
+    request_timeout: int = 10  # seconds one HTTP request to a tracking server may take
+    flush_timeout: float = 60.0  # seconds the end of a run waits for the store to take its logs
+    pending_dir: str = "cnnlab-pending"  # logs on their way to the store wait here, per run
 
 
 @dataclass
@@ -226,6 +229,9 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("hardware.device", lambda v: bool(_DEVICE.match(v)), "one of auto, cpu, cuda, cuda:N"),
     ("hardware.threads", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: default)"),
     ("tracking.experiment", lambda v: bool(v.strip()), "a non-empty name"),
+    ("tracking.request_timeout", _positive_int, "a whole number of seconds >= 1"),
+    ("tracking.flush_timeout", _non_negative, "a number of seconds >= 0"),
+    ("tracking.pending_dir", lambda v: bool(v.strip()), "a folder"),
 ]
 
 

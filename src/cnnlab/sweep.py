@@ -58,7 +58,8 @@ class SweepCallback(Callback):
         _sweep_dir = Path(config.hydra.sweep.dir)
         if not config.tracking.enabled:
             return
-        uri = resolve_uri(config.tracking.uri, Path.cwd())
+        launch_dir = Path.cwd()  # Hydra moves into a job's folder only when the job runs
+        uri = resolve_uri(config.tracking.uri, launch_dir)
         check_reachable(uri)
         overrides = list(config.hydra.overrides.task)
         self.swept = swept_keys(overrides, config.hydra.sweeper)
@@ -72,7 +73,14 @@ class SweepCallback(Callback):
             "cnnlab.sweep_dir": str(sweep_dir.resolve()),
             "cnnlab.swept": ",".join(self.swept),
         }
-        self.parent = _open_parent = create_run(uri, config.tracking.experiment, name, tags)
+        self.parent = _open_parent = create_run(
+            uri,
+            config.tracking.experiment,
+            name,
+            tags,
+            launch_dir / config.tracking.pending_dir,
+            config.tracking.flush_timeout,
+        )
         sweep_dir.mkdir(parents=True, exist_ok=True)
         record = {"parent_run_id": self.parent.run_id, "uri": uri, "swept": self.swept}
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(record))
@@ -109,8 +117,8 @@ def end_open_parent(status: str) -> None:
     """Close the parent run of this process's sweep if it is still open (idempotent)."""
     global _open_parent
     if _open_parent is not None:
-        _open_parent.end(status)
-        _open_parent = None
+        parent, _open_parent = _open_parent, None
+        parent.end(status)
 
 
 def record_failure(exc: BaseException) -> None:

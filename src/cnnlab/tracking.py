@@ -2,21 +2,28 @@
 
 Runs are written through an `MlflowClient` bound to one explicit URI rather than mlflow's
 process-global active run, so a test can point a run at a temporary SQLite store and nothing
-carries over from one run to the next.
+carries over from one run to the next. A run's writes go through a local journal delivered by a
+background thread, so a slow or lost tracking server never stalls training and loses nothing.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import copy
-import functools
+import itertools
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,45 +32,17 @@ import mlflow
 import numpy as np
 import torch
 import yaml
-from mlflow.entities import Metric, Param
-from mlflow.models import infer_signature
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param, RunTag
+from mlflow.models import Model, infer_signature
+from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.tracking import MlflowClient
 
-from cnnlab import CnnlabError
+from cnnlab import CnnlabError, interrupts
 
 # MLflow draws a progress bar for every artifact download; cnnlab's output stays readable.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-_PARAMS_PER_BATCH = 100  # MLflow's cap on params in one log_batch call
-_PARAM_VALUE_CHARS = 6000  # MLflow's cap on one param value
-
-
-_clock = {"seconds": 0.0, "depth": 0}
-
-
-def mlflow_seconds() -> float:
-    """Wall time this process has spent creating runs and in Tracker's writes to them.
-
-    A running total that only cnnlab-bench reads; reads (resume, reproduce) are not counted.
-    """
-    return _clock["seconds"]
-
-
-def _timed(fn: Callable[..., Any]) -> Callable[..., Any]:
-    # Adds fn's wall time to mlflow_seconds(); a timed call inside another counts once.
-    @functools.wraps(fn)
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        outermost = _clock["depth"] == 0
-        _clock["depth"] += 1
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            _clock["depth"] -= 1
-            if outermost:
-                _clock["seconds"] += time.perf_counter() - start
-
-    return timed
+# A retried request is the Journal's business; it says once that the store fails, not per try.
+logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 class TrackingError(CnnlabError):
@@ -80,12 +59,49 @@ def resolve_uri(uri: str | None, launch_dir: Path) -> str:
     return uri
 
 
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """(uri without user:password@, user, password) of an http(s) tracking URI."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri, None, None
+    host = parts.netloc.rpartition("@")[2]
+    clean = urllib.parse.urlunsplit(parts._replace(netloc=host))
+    user = urllib.parse.unquote(parts.username or "")
+    return clean, user, urllib.parse.unquote(parts.password or "")
+
+
+def move_credentials_to_env(uri: str) -> str:
+    """Take user:password out of `uri` into MLFLOW_TRACKING_USERNAME/PASSWORD; the clean URI.
+
+    MLflow sends those variables as HTTP basic auth. A password left in the URI would end up in
+    params, the logged config, Hydra's output folder and error messages.
+    """
+    clean, user, password = split_credentials(uri)
+    if user is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password or ""
+    return clean
+
+
+def set_request_timeout(seconds: int) -> None:
+    """Bound every HTTP request to a tracking server (MLflow's default waits 120 s x 7 retries)."""
+    # One retry: the Journal retries on its own, off the training thread, without a limit.
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(seconds)
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail within `timeout` seconds if an HTTP tracking server does not answer its health check."""
     if not uri.startswith(("http://", "https://")):
         return
+    request = urllib.request.Request(f"{uri.rstrip('/')}/health")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if user:
+        token = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
+        request.add_header("Authorization", "Basic " + base64.b64encode(token).decode())
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             if response.status == 200:
                 return
             reason = f"HTTP {response.status}"
@@ -97,70 +113,347 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     )
 
 
+# ------------------------------------------------------------------------------------- journal
+class Journal:
+    """A run's writes, kept in order in `folder` and delivered to the store by a thread.
+
+    Training never waits on the store: a write is one line appended to `journal.jsonl` (files
+    are copied beside it first, since the caller may overwrite them), and a background thread
+    delivers the lines in order, retrying while the store is unreachable. `delivered` counts the
+    lines that reached the store, so `cnnlab-sync` can deliver the rest after the process is gone.
+    """
+
+    def __init__(self, folder: Path, client: MlflowClient, uri: str, run_id: str) -> None:
+        self.folder, self.client, self.uri, self.run_id = folder, client, uri, run_id
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.meta = {"uri": uri, "run_id": run_id}  # never a password: see split_credentials
+        (folder / "meta.json").write_text(json.dumps(self.meta))
+        self._lines = (folder / "journal.jsonl").open("a", encoding="utf-8")
+        self._written = self._delivered = _read_delivered(folder)
+        self._changed = threading.Condition()
+        self._stopping = False
+        self.error: str | None = None  # why the store last refused, while it does
+        self._thread = threading.Thread(target=self._deliver_forever, daemon=True)
+        self._thread.start()
+
+    # ---- the caller's side: append, then wait at the end
+    def append(self, op: dict[str, Any]) -> None:
+        """Queue one write; returns at once."""
+        with self._changed:
+            try:
+                self._lines.write(json.dumps(op) + "\n")
+                self._lines.flush()
+            except OSError as exc:  # a full disk
+                raise TrackingError(
+                    f"cannot write {self.folder / 'journal.jsonl'} ({exc.strerror}); free disk "
+                    f"space, then continue with train.resume={self.run_id}"
+                ) from exc
+            self._written += 1
+            self._changed.notify_all()
+
+    def stage(self, name: str) -> Path:
+        """A new empty folder in the journal for the files of the next write."""
+        folder = self.folder / "files" / f"{self._written:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / name if name else folder
+
+    def pending(self) -> int:
+        """How many writes have not reached the store yet."""
+        with self._changed:
+            return self._written - self._delivered
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for every write to arrive; whether they all did."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self._delivered < self._written:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(min(left, 1.0))
+        return True
+
+    def close(self, timeout: float) -> bool:
+        """Flush, stop the thread; remove the journal if everything arrived. Whether it did."""
+        done = self.flush(timeout)
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        self._lines.close()
+        if done:
+            self._thread.join(timeout=5)
+            shutil.rmtree(self.folder, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.folder.parent.rmdir()  # the pending folder itself, once empty
+        return done
+
+    # ---- the thread's side
+    def _deliver_forever(self) -> None:
+        reader = (self.folder / "journal.jsonl").open(encoding="utf-8")
+        for _ in range(self._delivered):
+            reader.readline()
+        backoff = 0.5
+        while True:
+            with self._changed:
+                while self._delivered >= self._written and not self._stopping:
+                    self._changed.wait()
+                if self._stopping:
+                    return
+                available = self._written - self._delivered
+            ops = [json.loads(reader.readline()) for _ in range(available)]
+            while ops:
+                try:
+                    done = deliver(self.client, self.folder, self.run_id, ops)
+                except Exception as exc:  # noqa: BLE001 - any failure: keep the write, retry
+                    if self.error is None:
+                        print(
+                            f"warning: tracking store {self.uri} failed ({_reason(exc)}); "
+                            "training goes on, logs wait in " + str(self.folder),
+                            file=sys.stderr,
+                        )
+                    self.error = _reason(exc)
+                    with self._changed:
+                        if self._changed.wait_for(lambda: self._stopping, timeout=backoff):
+                            return
+                    backoff = min(backoff * 2, 8.0)
+                    continue
+                if self.error is not None:
+                    print(f"tracking store {self.uri} answers again", file=sys.stderr)
+                self.error, backoff = None, 0.5
+                ops = ops[done:]
+                with self._changed:
+                    self._delivered += done
+                    _write_delivered(self.folder, self._delivered)
+                    self._changed.notify_all()
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(getattr(exc, "message", None) or exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+def _read_delivered(folder: Path) -> int:
+    try:
+        return int((folder / "delivered").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def _write_delivered(folder: Path, count: int) -> None:
+    partial = folder / "delivered.part"
+    partial.write_text(str(count))
+    partial.replace(folder / "delivered")  # never a half-written count
+
+
+def deliver(client: MlflowClient, folder: Path, run_id: str, ops: list[dict[str, Any]]) -> int:
+    """Send the first of `ops` (several consecutive metrics/params/tags as one request) to the
+    store; return how many were sent. Raises if the store refuses."""
+    op = ops[0]
+    if op["op"] == "batch":
+        group = list(itertools.takewhile(lambda o: o["op"] == "batch", ops))[:100]
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, ts, step) for o in group for k, v, ts, step in o["metrics"]],
+            params=[Param(k, v) for o in group for k, v in o["params"].items()],
+            tags=[RunTag(k, v) for o in group for k, v in o["tags"].items()],
+        )
+        for o in group:
+            if o.get("status") is not None:  # only the last op of a run carries it
+                client.set_terminated(run_id, o["status"])
+        return len(group)
+    source = folder / op["src"]
+    if op["op"] == "file":
+        client.log_artifact(run_id, str(source), op["dir"])
+    elif op["op"] == "dir":
+        client.log_artifacts(run_id, str(source), op["dir"])
+    elif op["op"] == "model":
+        _deliver_model(client, source, run_id, op["experiment_id"])
+    for path in (source, source.parent):  # delivered files make room, the journal stays small
+        shutil.rmtree(path, ignore_errors=True)
+    return 1
+
+
+def _deliver_model(client: MlflowClient, model_dir: Path, run_id: str, experiment_id: str) -> None:
+    # What mlflow.pytorch.log_model does after saving, for a model saved earlier: a LoggedModel
+    # linked to the run, its MLmodel naming it, the files uploaded, READY. A retry after a lost
+    # reply reuses the LoggedModel created before instead of leaving one PENDING.
+    id_file = model_dir.parent / "model_id"
+    if id_file.exists():
+        logged = client.get_logged_model(id_file.read_text())
+    else:
+        logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
+        id_file.write_text(logged.model_id)
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    meta = Model.load(str(model_dir))
+    meta.model_id = meta.model_uuid = logged.model_id
+    meta.run_id, meta.artifact_path = run_id, logged.artifact_location
+    meta.save(str(model_dir / MLMODEL_FILE_NAME))
+    client.log_model_artifacts(logged.model_id, str(model_dir))
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    client.set_tag(run_id, "cnnlab.model_uri", f"models:/{logged.model_id}")
+
+
+def pending_dir(spool: Path, run_id: str) -> Path:
+    """Where a run's undelivered writes wait."""
+    return spool / run_id
+
+
+def sync(folder: Path) -> tuple[str, str, int]:
+    """Deliver a journal left by a process that could not reach its store: (uri, run, count)."""
+    meta = json.loads((folder / "meta.json").read_text())
+    client = MlflowClient(tracking_uri=meta["uri"])
+    lines = (folder / "journal.jsonl").read_text(encoding="utf-8").splitlines()
+    delivered = _read_delivered(folder)
+    ops = [json.loads(line) for line in lines[delivered:] if line.strip()]
+    sent = 0
+    while ops:
+        try:
+            done = deliver(client, folder, meta["run_id"], ops)
+        except Exception as exc:  # noqa: BLE001 - the store refused: keep the rest for next time
+            raise TrackingError(
+                f"{meta['uri']} refused the logs of run {meta['run_id']} ({_reason(exc)}); "
+                f"{len(ops)} item(s) are still in {folder}: run cnnlab-sync again"
+            ) from exc
+        ops, delivered, sent = ops[done:], delivered + done, sent + done
+        _write_delivered(folder, delivered)
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        folder.parent.rmdir()
+    return meta["uri"], meta["run_id"], sent
+
+
 class Tracker:
-    """Writes one MLflow run: params, metrics, tags, artifacts and the model."""
+    """Writes one MLflow run: params, metrics, tags, artifacts and the model.
 
-    @classmethod
-    def attach(cls, uri: str, run_id: str) -> Tracker:
-        """A Tracker for an existing run (a sweep's parent, a resumed run)."""
-        client = MlflowClient(tracking_uri=uri)
-        return cls(client, uri, run_id, client.get_run(run_id).info.experiment_id)
+    Every write goes through the run's Journal, so none blocks training on the store; `end`
+    waits up to `flush_timeout` seconds for the store to take them all.
+    """
 
-    def __init__(self, client: MlflowClient, uri: str, run_id: str, experiment_id: str) -> None:
+    def __init__(
+        self,
+        client: MlflowClient,
+        uri: str,
+        run_id: str,
+        experiment_id: str,
+        spool: Path,
+        flush_timeout: float = 60.0,
+    ) -> None:
         self.client = client
         self.uri = uri
         self.run_id = run_id
         self.experiment_id = experiment_id
+        self.flush_timeout = flush_timeout
         self._logged_until: dict[str, int] = {}  # metric -> last step already in the store
+        self._spool = spool
+        self._journal: Journal | None = None
 
-    @_timed
+    @property
+    def journal(self) -> Journal:
+        """The run's journal, opened at the first write (reads alone leave no trace)."""
+        if self._journal is None:
+            self._journal = Journal(pending_dir(self._spool, self.run_id), self.client,
+                                    self.uri, self.run_id)  # fmt: skip
+        return self._journal
+
+    def _batch(self, metrics=(), params=None, tags=None, status=None) -> None:
+        self.journal.append(
+            {"op": "batch", "metrics": list(metrics), "params": params or {},
+             "tags": tags or {}, "status": status}
+        )  # fmt: skip
+
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log flat key -> value params in as few calls as MLflow allows."""
-        items = [Param(k, str(v)[:_PARAM_VALUE_CHARS]) for k, v in params.items()]
-        for i in range(0, len(items), _PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i : i + _PARAMS_PER_BATCH])
+        """Log flat key -> value params."""
+        self._batch(params={k: str(v) for k, v in params.items()})
 
-    @_timed
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log several metrics at one step in one call."""
+        """Log several metrics at one step."""
         timestamp = int(time.time() * 1000)
         batch = [
-            Metric(k, float(v), timestamp, step)
+            (k, float(v), timestamp, step)
             for k, v in metrics.items()
             if step > self._logged_until.get(k, -1)
         ]
         if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+            self._batch(metrics=batch)
 
-    @_timed
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (values are stored as strings)."""
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+        self._batch(tags={k: str(v) for k, v in tags.items()})
 
-    @_timed
     def log_dict(self, obj: Any, artifact_file: str) -> None:
-        """Store a dict or list as a YAML/JSON artifact (by the file's extension)."""
-        self.client.log_dict(self.run_id, obj, artifact_file)
+        """Store a dict or list as a YAML artifact."""
+        self.log_text(yaml.safe_dump(obj, default_flow_style=False, sort_keys=False), artifact_file)
 
-    @_timed
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Store a text artifact."""
+        folder, _, name = artifact_file.rpartition("/")
+        staged = self.journal.stage(name)
+        staged.write_text(text, encoding="utf-8")
+        self._file(staged, folder)
+
     def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
         """Copy a folder into the run's artifacts."""
-        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+        staged = self.journal.stage(Path(local_dir).name)
+        shutil.copytree(local_dir, staged)
+        self.journal.append({"op": "dir", "src": str(staged.relative_to(self.journal.folder)),
+                             "dir": artifact_path})  # fmt: skip
 
-    def status(self) -> str:
-        """RUNNING, FINISHED, FAILED or KILLED."""
-        return self.client.get_run(self.run_id).info.status
+    def log_checkpoint(self, path: Path) -> None:
+        """Store `path` as the run's checkpoints/<name>, replacing an earlier one."""
+        staged = self.journal.stage(path.name)
+        shutil.copyfile(path, staged)
+        self._file(staged, "checkpoints")
+
+    def _file(self, staged: Path, artifact_dir: str) -> None:
+        self.journal.append({"op": "file", "src": str(staged.relative_to(self.journal.folder)),
+                             "dir": artifact_dir or None})  # fmt: skip
+
+    def log_model(self, model: Any, input_example: np.ndarray, requirements: list[str]) -> None:
+        """Save `model` as an MLflow PyTorch model (pt2) and queue it; sets cnnlab.model_uri."""
+        # A copy whose parameters own their storage: in training they are views into one flat
+        # buffer (step.flat_parameters), which the exported program would store whole per view.
+        model = copy.deepcopy(model).cpu().eval()
+        for p in model.parameters():
+            p.data = p.data.clone()
+        with torch.no_grad():
+            output = model(torch.from_numpy(input_example)).cpu().numpy()
+        staged = self.journal.stage("model")
+        mlflow.pytorch.save_model(
+            model,
+            str(staged),
+            serialization_format="pt2",  # a program and tensors: loading it runs no pickle
+            signature=infer_signature(input_example, output),
+            input_example=input_example,
+            # Given, not inferred: inference re-imports the model in a subprocess (seconds).
+            pip_requirements=requirements,
+        )
+        self.journal.append({"op": "model", "src": str(staged.relative_to(self.journal.folder)),
+                             "experiment_id": self.experiment_id})  # fmt: skip
+
+    def end(self, status: str) -> None:
+        """Close the run as FINISHED, FAILED or KILLED once every write has arrived.
+
+        Raises TrackingError, after at most `flush_timeout` seconds, if the store is still
+        unreachable: the run is left RUNNING there and its writes wait for `cnnlab-sync`.
+        """
+        self._batch(status=status)
+        if not self.journal.close(self.flush_timeout):
+            folder = self.journal.folder
+            raise TrackingError(
+                f"tracking store {self.uri} still fails ({self.journal.error}); "
+                f"{self.journal.pending()} logged item(s) of run {self.run_id} are kept in "
+                f"{folder}: upload them with `cnnlab-sync {folder}` once it is back"
+            )
 
     def set_running(self) -> None:
-        """Mark the run RUNNING again, to continue it."""
+        """Mark the run RUNNING again, to continue it (at once: a dead store fails the resume)."""
         self.client.update_run(self.run_id, status="RUNNING")
         print(f"MLflow run {self.run_id} resumed in {self.uri}")
 
-    @_timed
-    def end(self, status: str) -> None:
-        """Close the run as FINISHED, FAILED or KILLED."""
-        self.client.set_terminated(self.run_id, status)
+    # ---- reads, straight from the store
+    def status(self) -> str:
+        """RUNNING, FINISHED, FAILED or KILLED."""
+        return self.client.get_run(self.run_id).info.status
 
     def children(self) -> list[dict[str, Any]]:
         """The runs whose parent is this run, oldest first, as plain dicts (`values`: what the
@@ -183,17 +476,9 @@ class Tracker:
             for r in runs
         ]
 
-    @_timed
-    def log_checkpoint(self, path: Path) -> None:
-        """Store `path` as the run's checkpoints/<name>, replacing an earlier one."""
-        self.client.log_artifact(self.run_id, str(path), "checkpoints")
-
     def download(self, artifact_path: str, dst: Path) -> Path | None:
         """A local copy of one of the run's artifacts, or None if the run has no such file."""
-        folder, _, name = artifact_path.rpartition("/")
-        if name not in {Path(a.path).name for a in self.client.list_artifacts(self.run_id, folder)}:
-            return None
-        return Path(self.client.download_artifacts(self.run_id, artifact_path, str(dst)))
+        return _download(self.client, self.run_id, artifact_path, dst)
 
     def skip_logged_steps(self, keys: list[str]) -> None:
         """Log none of `keys` at steps the run already has: a resumed run repeats no point."""
@@ -202,37 +487,14 @@ class Tracker:
             if history:
                 self._logged_until[key] = max(m.step for m in history)
 
-    @_timed
-    def log_text(self, text: str, artifact_file: str) -> None:
-        """Store a text artifact."""
-        self.client.log_text(self.run_id, text, artifact_file)
-
-    @_timed
-    def log_model(self, model: Any, input_example: np.ndarray, requirements: list[str]) -> str:
-        """Log `model` as an MLflow PyTorch model; return the URI that loads it."""
-        # A copy whose parameters own their storage: in training they are views into one flat
-        # buffer (step.flat_parameters), which the exported program would store whole per view.
-        model = copy.deepcopy(model).cpu().eval()
-        for p in model.parameters():
-            p.data = p.data.clone()
-        with torch.no_grad():
-            output = model(torch.from_numpy(input_example)).cpu().numpy()
-        # mlflow.pytorch.log_model resolves its store from the global tracking URI.
-        mlflow.set_tracking_uri(self.uri)
-        logged = self.client.create_logged_model(
-            self.experiment_id, name="model", source_run_id=self.run_id
-        )
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            signature=infer_signature(input_example, output),
-            input_example=input_example,
-            # Given, not inferred: inference re-imports the model in a subprocess (seconds).
-            pip_requirements=requirements,
-            model_id=logged.model_id,
-            run_id=self.run_id,
-        )
-        return info.model_uri
+    def fail_unfinished_models(self) -> None:
+        """Mark FAILED the models this run left PENDING (a process killed while logging one)."""
+        models = self.client.search_logged_models(
+            [self.experiment_id], filter_string=f"source_run_id = '{self.run_id}'"
+        )  # (the store's filter ignores status, so that is checked here)
+        for logged in models:
+            if logged.status == LoggedModelStatus.PENDING:
+                self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
 
 
 class LoadedModel(torch.nn.Module):
@@ -255,7 +517,7 @@ def load_model(model_ref: str, tracking_uri: str) -> LoadedModel:
     mlflow.set_tracking_uri(tracking_uri)
     model_uri = model_ref
     if "://" not in model_ref and ":/" not in model_ref:  # a run id: the model that run logged
-        tags = attach_run(tracking_uri, model_ref).client.get_run(model_ref).data.tags
+        tags = _get_run(tracking_uri, model_ref)[1].data.tags
         if "cnnlab.model_uri" not in tags:
             raise TrackingError(f"run {model_ref} logged no model (tracking.log_model=false?)")
         model_uri = tags["cnnlab.model_uri"]
@@ -287,13 +549,46 @@ class NullTracker:
 
     run_id = None
 
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log nothing."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log nothing."""
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Log nothing."""
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        """Log nothing."""
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Log nothing."""
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
+        """Log nothing."""
+
+    def log_checkpoint(self, path: Path) -> None:
+        """Log nothing."""
+
+    def log_model(self, model: Any, input_example: np.ndarray, requirements: list[str]) -> None:
+        """Log nothing."""
+
+    def end(self, status: str) -> None:
+        """Nothing to close."""
 
 
-@_timed
-def create_run(uri: str, experiment: str, run_name: str | None, tags: Mapping[str, str]) -> Tracker:
-    """Create a RUNNING run (in a new store or experiment if need be); the caller ends it."""
+def create_run(
+    uri: str,
+    experiment: str,
+    run_name: str | None,
+    tags: Mapping[str, str],
+    spool: Path,
+    flush_timeout: float = 60.0,
+) -> Tracker:
+    """Create a RUNNING run (in a new store or experiment if need be); the caller ends it.
+
+    `spool` is the folder where the run's writes wait for the store (tracking.pending_dir).
+    """
     _seed_sqlite_store(uri)
     client = MlflowClient(tracking_uri=uri)
     try:
@@ -302,22 +597,43 @@ def create_run(uri: str, experiment: str, run_name: str | None, tags: Mapping[st
     except mlflow.exceptions.MlflowException as exc:
         raise TrackingError(f"cannot open a run in {uri}: {exc.message.splitlines()[0]}") from exc
     print(f"MLflow run {run.info.run_name} ({run.info.run_id}) in {uri}")
-    return Tracker(client, uri, run.info.run_id, experiment_id)
+    return Tracker(client, uri, run.info.run_id, experiment_id, spool, flush_timeout)
 
 
-def attach_run(uri: str, run_id: str) -> Tracker:
-    """A Tracker for an existing run, with a clear error when the store has no such run."""
+def attach_run(uri: str, run_id: str, spool: Path, flush_timeout: float = 60.0) -> Tracker:
+    """A Tracker for an existing run (a sweep's parent, a resumed run).
+
+    Writes an earlier process of this run could not deliver (kept in `spool`) go first.
+    """
+    pending = pending_dir(spool, run_id)
+    if (pending / "journal.jsonl").exists():
+        _, _, count = sync(pending)
+        print(f"Delivered {count} logged item(s) that run {run_id} had kept in {pending}")
+    client, run = _get_run(uri, run_id)
+    return Tracker(client, uri, run_id, run.info.experiment_id, spool, flush_timeout)
+
+
+def _get_run(uri: str, run_id: str) -> tuple[MlflowClient, Any]:
+    """A client for `uri` and run `run_id` read from it, with a clear error if there is none."""
+    client = MlflowClient(tracking_uri=uri)
     try:
-        return Tracker.attach(uri, run_id)
+        return client, client.get_run(run_id)
     except mlflow.exceptions.MlflowException as exc:
         raise TrackingError(f"no run {run_id} in {uri}; check the id and tracking.uri") from exc
 
 
+def _download(client: MlflowClient, run_id: str, artifact_path: str, dst: Path) -> Path | None:
+    folder, _, name = artifact_path.rpartition("/")
+    if name not in {Path(a.path).name for a in client.list_artifacts(run_id, folder)}:
+        return None
+    return Path(client.download_artifacts(run_id, artifact_path, str(dst)))
+
+
 def run_config(uri: str, run_id: str) -> dict[str, Any]:
     """The resolved config a run logged (config/config.yaml)."""
-    tracker = attach_run(uri, run_id)
+    client, _ = _get_run(uri, run_id)
     with tempfile.TemporaryDirectory() as tmp:
-        path = tracker.download("config/config.yaml", Path(tmp))
+        path = _download(client, run_id, "config/config.yaml", Path(tmp))
         if path is None:
             raise TrackingError(f"run {run_id} logged no config/config.yaml")
         return yaml.safe_load(path.read_text())
@@ -325,9 +641,8 @@ def run_config(uri: str, run_id: str) -> dict[str, Any]:
 
 def run_record(uri: str, run_id: str) -> dict[str, Any]:
     """A run's name, status, tags, final metrics and the train_loss history [(step, value)]."""
-    tracker = attach_run(uri, run_id)
-    run = tracker.client.get_run(run_id)
-    history = tracker.client.get_metric_history(run_id, "train_loss")
+    client, run = _get_run(uri, run_id)
+    history = client.get_metric_history(run_id, "train_loss")
     return {
         "run_id": run_id,
         "run_name": run.info.run_name,
@@ -339,20 +654,12 @@ def run_record(uri: str, run_id: str) -> dict[str, Any]:
 
 
 @contextmanager
-def start_run(
-    uri: str, experiment: str, run_name: str | None, tags: Mapping[str, str], enabled: bool = True
-) -> Iterator[Tracker | NullTracker]:
-    """Open a run and always close it: FINISHED, FAILED (with the reason) or KILLED (Ctrl-C)."""
-    if not enabled:
-        yield NullTracker()
-        return
-    with closing_run(create_run(uri, experiment, run_name, tags)) as tracker:
-        yield tracker
+def closing_run(tracker: Tracker | NullTracker) -> Iterator[Tracker | NullTracker]:
+    """End `tracker`'s run on the way out: FINISHED, FAILED (with the reason) or KILLED.
 
-
-@contextmanager
-def closing_run(tracker: Tracker) -> Iterator[Tracker]:
-    """End `tracker`'s run on the way out: FINISHED, FAILED (with the reason) or KILLED."""
+    Signals wait while the run's last writes are delivered (a second one stops at once), so a
+    stop at any moment after the run exists ends it KILLED, not RUNNING.
+    """
     status = "FAILED"
     try:
         yield tracker
@@ -364,7 +671,13 @@ def closing_run(tracker: Tracker) -> Iterator[Tracker]:
         tracker.set_tags({"cnnlab.error": f"{type(exc).__name__}: {exc}"[:5000]})
         raise
     finally:
-        tracker.end(status)
+        with interrupts.deferred():
+            try:
+                tracker.end(status)
+            except TrackingError as exc:
+                if status == "FINISHED":
+                    raise
+                print(f"warning: {exc}", file=sys.stderr)  # the run's own error comes first
 
 
 def _seed_sqlite_store(uri: str) -> None:

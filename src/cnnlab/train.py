@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,13 +20,12 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from cnnlab import CnnlabError, __version__, checkpoint, schema, sweep
+from cnnlab import CnnlabError, __version__, checkpoint, interrupts, schema, sweep
 from cnnlab.checkpoint import Progress
+from cnnlab.cli import CONF_DIR, launch_dir, run_cli
 from cnnlab.data import Dataset, Split, load_dataset
 from cnnlab.loop import TrainingInterrupted, evaluate, train_one_epoch
 from cnnlab.step import TrainStep, check_cuda_graphs, flat_parameters
@@ -39,15 +36,12 @@ from cnnlab.tracking import (
     attach_run,
     check_reachable,
     closing_run,
+    create_run,
+    move_credentials_to_env,
     resolve_uri,
     run_config,
-    start_run,
+    set_request_timeout,
 )
-
-# An installed wheel carries conf/ inside the package; a source checkout (pip install -e) reads
-# the top-level conf/ so that edits there take effect at once.
-_PACKAGED_CONF = Path(__file__).with_name("conf")
-CONF_DIR = str(_PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).parents[2] / "conf")
 
 schema.register()
 _DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before any job changes it
@@ -55,7 +49,11 @@ _DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before any job
 
 def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
     """Train the configured model and log the run; return the final test accuracy."""
-    uri = resolve_uri(cfg.tracking.uri, Path.cwd())
+    here = launch_dir()  # not the job's folder, should hydra.job.chdir=true have moved there
+    if cfg.tracking.uri:  # a password in the URI goes to the environment, never into the logs
+        cfg.tracking.uri = move_credentials_to_env(cfg.tracking.uri)
+    uri = resolve_uri(cfg.tracking.uri, here)
+    set_request_timeout(cfg.tracking.request_timeout)
     if cfg.tracking.enabled or cfg.train.resume:
         check_reachable(uri)  # seconds, not a whole epoch, to learn the server is down
     if cfg.train.resume:
@@ -63,17 +61,20 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
     schema.validate(cfg)
     device = setup_hardware(cfg.hardware, cfg.hardware.threads or threads_per_job())
 
-    data = load_dataset(**cfg.data)
+    data = load_dataset(**{**cfg.data, "root": str(here / Path(cfg.data.root).expanduser())})
     train_split, test_split = data.train.to(device), data.test.to(device)
 
     model, optimizer = build_model(cfg, data, device)
 
-    with open_run(cfg, uri, device, data.checksum, extra_tags, model, optimizer) as (run, at):
+    spool = here / cfg.tracking.pending_dir
+    with open_run(cfg, uri, spool, device, data.checksum, extra_tags, model, optimizer) as (
+        run,
+        at,
+    ):
         accuracy = fit(cfg, model, optimizer, train_split, test_split, run, at)
         if cfg.tracking.log_model:
             example = data.test.images[:2].numpy()  # (2, C, H, W): the input the model expects
-            model_uri = run.log_model(model, example, requirements())
-            run.set_tags({"cnnlab.model_uri": model_uri})
+            run.log_model(model, example, requirements())  # tags the run cnnlab.model_uri
     print("Training process has finished.")
     return accuracy
 
@@ -105,7 +106,7 @@ def fit(
         accuracy = evaluate(model, test_split, cfg.train.eval_batch_size)[1]
     show_bar = sys.stderr.isatty()
     step = TrainStep(model, optimizer, train_split, cfg.train.batch_size, cfg.hardware.cuda_graphs)
-    with stop_requests() as stop, tempfile.TemporaryDirectory() as tmp:
+    with interrupts.stop_requests() as stop, tempfile.TemporaryDirectory() as tmp:
         last = Path(tmp) / "last.pt"
         for epoch in range(at.epoch, cfg.train.epochs):
             resuming = f" (resuming at mini-batch {at.batch + 1})" if at.batch else ""
@@ -120,7 +121,7 @@ def fit(
             except TrainingInterrupted as cut:
                 checkpoint.save(last, model, optimizer, Progress(epoch, *cut.args_for_resume()))
                 run.log_checkpoint(last)
-                raise KeyboardInterrupt from None  # the run ends KILLED, resumable
+                raise interrupts.Terminated(stop()) from None  # the run ends KILLED, resumable
             test_loss, accuracy = evaluate(model, test_split, cfg.train.eval_batch_size)
             print(f"Epoch {epoch + 1}: test loss {test_loss:.4f}, test accuracy {accuracy:.2%}")
             run.log_metrics(
@@ -137,41 +138,72 @@ def fit(
 def open_run(
     cfg: DictConfig,
     uri: str,
+    spool: Path,
     device: torch.device,
     data_checksum: str,
     extra_tags: dict[str, str] | None,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
 ) -> Iterator[tuple[Tracker | NullTracker, Progress]]:
-    """A new run with its params and config logged, or the resumed run at its checkpoint."""
-    if cfg.train.resume:
-        run = attach_run(uri, cfg.train.resume)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = run.download("checkpoints/last.pt", Path(tmp))
-            if path is None:
-                raise CnnlabError(f"run {run.run_id} has no checkpoint to resume from")
-            at = checkpoint.load(path, model, optimizer)
-        if at.epoch >= cfg.train.epochs and run.status() == "FINISHED":
-            raise CnnlabError(f"run {run.run_id} already trained all {cfg.train.epochs} epochs")
-        # (Killed after its last epoch, e.g. while logging the model: fit has nothing left to
-        # train, and the run is finished below.)
-        run.skip_logged_steps(["train_loss", "test_loss", "test_accuracy", "epoch"])
-        run.set_running()  # also after a SIGKILL left it RUNNING
+    """A new run with its params and config logged, or the resumed run at its checkpoint.
+
+    While it is open, Ctrl-C, SIGTERM and SIGHUP end it KILLED wherever the code is.
+    """
+    with interrupts.handled():
+        if cfg.train.resume:
+            run, at = resumed_run(cfg, uri, spool, model, optimizer)
+        elif cfg.tracking.enabled:
+            tags = {**run_tags(cfg, device, data_checksum), **(extra_tags or {})}
+            sweep_tags, job_name = job_tags()
+            tags.update(sweep_tags)
+            run_name = cfg.tracking.run_name or job_name
+            run = create_run(
+                uri, cfg.tracking.experiment, run_name, tags, spool, cfg.tracking.flush_timeout
+            )
+            at = Progress()  # RNG state now: right after the model's initialisation
+        else:
+            run, at = NullTracker(), Progress()
         with closing_run(run):
+            if not cfg.train.resume:
+                run.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+                log_config_artifacts(run, cfg)
             yield run, at
-        return
-    tags = {**run_tags(cfg, device, data_checksum), **(extra_tags or {})}
-    sweep_tags, job_name = job_tags()
-    tags.update(sweep_tags)
-    run_name = cfg.tracking.run_name or job_name
-    with start_run(uri, cfg.tracking.experiment, run_name, tags, cfg.tracking.enabled) as run:
-        run.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-        log_config_artifacts(run, cfg)
-        yield run, Progress()  # RNG state now: right after the model's initialisation
+
+
+def resumed_run(
+    cfg: DictConfig,
+    uri: str,
+    spool: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> tuple[Tracker, Progress]:
+    """The run `train.resume` names, RUNNING again, with model and optimizer at its checkpoint."""
+    run = attach_run(uri, cfg.train.resume, spool, cfg.tracking.flush_timeout)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = run.download("checkpoints/last.pt", Path(tmp))
+        if path is None:
+            raise CnnlabError(f"run {run.run_id} has no checkpoint to resume from")
+        at = checkpoint.load(path, model, optimizer)
+    if at.epoch >= cfg.train.epochs and run.status() == "FINISHED":
+        raise CnnlabError(f"run {run.run_id} already trained all {cfg.train.epochs} epochs")
+    # (Killed after its last epoch, e.g. while logging the model: fit has nothing left to
+    # train, and the run is finished with its model.)
+    run.skip_logged_steps(["train_loss", "test_loss", "test_accuracy", "epoch"])
+    run.fail_unfinished_models()  # a model a killed process left PENDING will never be READY
+    run.set_running()  # also after a SIGKILL left it RUNNING
+    return run, at
 
 
 # What a resume may change of the logged config: where it runs and where the data is.
-_RESUME_MAY_CHANGE = ("hardware.", "data.root=", "tracking.uri=", "train.resume=")
+_RESUME_MAY_CHANGE = (
+    "hardware.",
+    "data.root=",
+    "tracking.uri=",
+    "tracking.request_timeout=",
+    "tracking.flush_timeout=",
+    "tracking.pending_dir=",
+    "train.resume=",
+)
 
 
 def resumed_config(run_id: str, uri: str) -> DictConfig:
@@ -185,39 +217,15 @@ def resumed_config(run_id: str, uri: str) -> DictConfig:
     if other:
         raise CnnlabError(
             f"train.resume continues the logged config; {other[0]} can't change it (only "
-            "hardware.*, data.root and tracking.uri can); use cnnlab-reproduce for a new run"
+            "hardware.*, data.root and where/how runs are logged, tracking.uri, "
+            "tracking.request_timeout, tracking.flush_timeout, tracking.pending_dir, can); "
+            "use cnnlab-reproduce for a new run"
         )
     kept = [o for o in overrides if not o.startswith(("tracking.uri=", "train.resume="))]
     cfg = schema.typed_config(run_config(uri, run_id), kept)
     cfg.train.resume = run_id
     cfg.tracking.uri = uri
     return cfg
-
-
-@contextmanager
-def stop_requests() -> Iterator[Callable[[], bool]]:
-    """Ctrl-C and SIGTERM ask training to stop at the next mini-batch and checkpoint.
-
-    A second Ctrl-C stops at once. Outside the main thread signals can't be caught; then
-    nothing is installed and stops are never requested.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    requested: list[int] = []
-
-    def handler(signum: int, frame: Any) -> None:
-        if requested:
-            raise KeyboardInterrupt
-        requested.append(signum)
-        print("Stopping after this mini-batch to save a checkpoint...", file=sys.stderr)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield lambda: bool(requested)
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def setup_hardware(hardware: DictConfig, threads: int = 0) -> torch.device:
@@ -340,27 +348,6 @@ def hydra_main(cfg: DictConfig) -> float:
         if isinstance(exc, CnnlabError):  # here, not in main(), so Hydra adds no report
             sys.exit(f"cnnlab-train: error: {exc}")
         raise
-
-
-def run_cli(prog: str, hydra_task: Callable[[], Any]) -> None:
-    """Run a @hydra.main task so that a config error ends with one line and exit status 1."""
-    # Hydra would print its own multi-line report; let errors reach us to print one line.
-    os.environ["HYDRA_FULL_ERROR"] = "1"
-    try:
-        hydra_task()
-        sweep.end_open_parent("FAILED")  # only if the sweep ended without its summary
-        if failed := sweep.failed_jobs():
-            sys.exit(
-                f"{prog}: error: {len(failed)} sweep job(s) failed: {'; '.join(failed)}; "
-                "the reasons are in their runs' cnnlab.error tag and the multirun folder"
-            )
-    except (HydraException, OmegaConfBaseException) as exc:
-        sweep.end_open_parent("FAILED")
-        sys.exit(f"{prog}: error: {schema.describe_config_error(exc)}")
-    except KeyboardInterrupt:
-        sweep.end_open_parent("KILLED")
-        print(f"{prog}: interrupted; an open run is marked KILLED", file=sys.stderr)
-        sys.exit(130)
 
 
 def main() -> None:

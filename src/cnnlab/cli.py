@@ -1,0 +1,77 @@
+"""What every cnnlab console script shares: where the configs are, the launch directory, the
+tracking URI's credentials, and how an error becomes one line and an exit status."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from cnnlab import CnnlabError, interrupts, schema, sweep
+from cnnlab.tracking import move_credentials_to_env
+
+# An installed wheel carries conf/ inside the package; a source checkout (pip install -e) reads
+# the top-level conf/ so that edits there take effect at once.
+_PACKAGED_CONF = Path(__file__).with_name("conf")
+CONF_DIR = str(_PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).parents[2] / "conf")
+
+
+def launch_dir() -> Path:
+    """The folder the command was started in, also inside a job run with hydra.job.chdir=true.
+
+    Relative paths (the default store, data.root, tracking.pending_dir) are taken from here, so
+    every job of a run or sweep shares one store and one data folder.
+    """
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.cwd)
+    return Path.cwd()
+
+
+def hide_credentials(argv: list[str]) -> list[str]:
+    """`argv` with user:password@ taken out of tracking.uri (and $MLFLOW_TRACKING_URI).
+
+    Done before Hydra sees the command line: Hydra writes the overrides into the job's output
+    folder, and cnnlab logs them. MLflow gets the credentials from MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD instead.
+    """
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = move_credentials_to_env(
+            os.environ["MLFLOW_TRACKING_URI"]
+        )
+    cleaned = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key.lstrip("+~") == "tracking.uri":
+            arg = f"{key}={move_credentials_to_env(value)}"
+        cleaned.append(arg)
+    return cleaned
+
+
+def run_cli(prog: str, hydra_task: Callable[[], Any]) -> None:
+    """Run a @hydra.main task so that a config error ends with one line and exit status 1."""
+    # Hydra would print its own multi-line report; let errors reach us to print one line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    sys.argv[1:] = hide_credentials(sys.argv[1:])
+    try:
+        hydra_task()
+        sweep.end_open_parent("FAILED")  # only if the sweep ended without its summary
+        if failed := sweep.failed_jobs():
+            sys.exit(
+                f"{prog}: error: {len(failed)} sweep job(s) failed: {'; '.join(failed)}; "
+                "the reasons are in their runs' cnnlab.error tag and the multirun folder"
+            )
+    except (HydraException, OmegaConfBaseException) as exc:
+        sweep.end_open_parent("FAILED")
+        sys.exit(f"{prog}: error: {schema.describe_config_error(exc)}")
+    except KeyboardInterrupt as exc:
+        sweep.end_open_parent("KILLED")
+        print(f"{prog}: interrupted; an open run is marked KILLED", file=sys.stderr)
+        sys.exit(interrupts.exit_status(exc))
+    except CnnlabError as exc:
+        sys.exit(f"{prog}: error: {exc}")

@@ -1,0 +1,92 @@
+"""Ctrl-C, SIGTERM and SIGHUP: a run that exists ends KILLED (resumable), never left RUNNING.
+
+`timeout`, `docker stop` and SLURM send SIGTERM; a closed terminal sends SIGHUP. While a run is
+open (`handled`), each of them raises `Terminated` wherever the program is, so the run's
+closing code marks it KILLED. Two stretches handle the first signal more gently:
+`stop_requests` (training stops after the current mini-batch, to checkpoint) and `deferred`
+(the run's last writes are being delivered). A second signal always stops at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Terminated(KeyboardInterrupt):
+    """A stop signal, handled like Ctrl-C; the process exits with 128 + `signum`."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_mode: list[str] = ["raise"]  # innermost last: raise | graceful | defer
+_received: list[int] = []  # signals held back by the innermost gentle stretch
+
+
+def _handler(signum: int, frame: Any) -> None:
+    if _mode[-1] == "raise" or _received:
+        raise Terminated(signum)
+    _received.append(signum)
+    then = "the next mini-batch to save a checkpoint" if _mode[-1] == "graceful" else "its logs"
+    print(
+        f"{signal.Signals(signum).name}: stopping after {then}; again to stop at once",
+        file=sys.stderr,
+    )
+
+
+@contextmanager
+def handled() -> Iterator[None]:
+    """Within: SIGINT, SIGTERM and SIGHUP raise Terminated (only the main thread gets them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for sig in SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+            previous[sig] = signal.signal(sig, _handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextmanager
+def _gentle(mode: str) -> Iterator[None]:
+    _mode.append(mode)
+    held = list(_received)
+    _received.clear()
+    try:
+        yield
+    finally:
+        _mode.pop()
+        late, _received[:] = list(_received), held
+    if late:
+        raise Terminated(late[0])  # the stretch is done: now stop as asked
+
+
+@contextmanager
+def stop_requests() -> Iterator[Callable[[], int | None]]:
+    """Within: a signal asks to stop after the current mini-batch; `stop()` says which one."""
+    with _gentle("graceful"):
+        yield lambda: _received[0] if _received else None
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Within: a signal waits for the block to finish, then raises Terminated."""
+    with _gentle("defer"):
+        yield
+
+
+def exit_status(exc: KeyboardInterrupt) -> int:
+    """The shell's status for a process stopped by `exc`: 128 + the signal (Ctrl-C: 130)."""
+    return 128 + getattr(exc, "signum", signal.SIGINT)
