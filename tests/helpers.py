@@ -153,7 +153,7 @@ class Proxy:
     def _refused(self, data: bytes) -> bool:
         # Only a request's first packet starts with a method; bodies pass through.
         head = data.split(b"\r\n\r\n", 1)[0]
-        if not head.split(b" ", 1)[0] in (b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD"):
+        if head.split(b" ", 1)[0] not in (b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD"):
             return False
         user, password = self.credentials
         token = b"basic " + base64.b64encode(f"{user}:{password}".encode()).lower()

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import BIN, MlflowServer, Proxy
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from cnnlab.tracking import load_model
 from conftest import cli_env
-from helpers import BIN, MlflowServer, Proxy
 
 pytestmark = pytest.mark.slow
 
@@ -84,9 +84,7 @@ def assert_complete(client: MlflowClient, run_id: str, training: Training, epoch
     assert [s for s, _ in logged] == [s for s, _ in printed]
     assert [round(v, 3) for _, v in logged] == pytest.approx([v for _, v in printed], abs=1e-3)
     assert len(client.get_metric_history(run_id, "test_accuracy")) == epochs
-    assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {
-        "checkpoints/last.pt"
-    }
+    assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/last.pt"}
     model = load_model(run.data.tags["cnnlab.model_uri"], client.tracking_uri)
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
@@ -181,9 +179,7 @@ def test_a_hanging_server_never_stalls_training(tiny_overrides, tmp_path, server
     proxy.close()
 
 
-def test_a_password_in_the_tracking_uri_is_used_and_never_written(
-    tiny_overrides, tmp_path, server
-):
+def test_a_password_in_the_tracking_uri_is_used_and_never_written(tiny_overrides, tmp_path, server):
     secret = "s3cret-Pa55"
     proxy = Proxy(server.port, credentials=("alice", secret))
     url = f"http://127.0.0.1:{proxy.port}"

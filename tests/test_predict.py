@@ -1,0 +1,190 @@
+"""cnnlab-eval and cnnlab-predict against hostile stores and hostile image files."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import zipfile
+import zlib
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from cnnlab.models import ConvNet
+from cnnlab.tracking import TrackingError, load_model
+from cnnlab.train import CONF_DIR, train
+from conftest import BIN, cli_env, data_overrides, synthetic_split
+
+
+def cli(prog: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [BIN / prog, *args], cwd=cwd, capture_output=True, text=True, env=cli_env(), timeout=120
+    )
+
+
+class Payload(torch.nn.Linear):
+    """A module whose pickle, once loaded, creates `marker`: what a hostile store would hold."""
+
+    def __init__(self, marker: Path) -> None:
+        super().__init__(784, 10)
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def log_pickled(uri: str, run_id: str, module: torch.nn.Module) -> str:
+    """Log `module` in MLflow's pickle format (torch.save) to `run_id`; return its models:/ URI."""
+    mlflow.set_tracking_uri(uri)
+    x = torch.zeros(2, 1, 28, 28)
+    info = mlflow.pytorch.log_model(
+        module,
+        name="model",
+        serialization_format="pickle",
+        signature=infer_signature(x.numpy(), torch.zeros(2, 10).numpy()),
+        pip_requirements=["torch"],
+        run_id=run_id,
+    )
+    return info.model_uri
+
+
+@pytest.fixture(scope="module")
+def store(tiny_data, tmp_path_factory) -> dict:
+    """A store with a cnnlab run (pt2 model) and, in another run, two pickled models."""
+    home = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    data = data_overrides(*tiny_data)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "config", overrides=[*data, "train.epochs=1", "hardware=cpu", f"tracking.uri={uri}"]
+        )
+    train(cfg)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("cnnlab").experiment_id
+    [run] = client.search_runs([experiment])
+    other = client.create_run(experiment).info.run_id
+    marker = home / "MARKER"
+    hostile = log_pickled(uri, other, Payload(marker))
+    benign = log_pickled(
+        uri, other, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    )
+    assert not marker.exists()  # logging it ran nothing
+    return {
+        "uri": uri, "run_id": run.info.run_id, "model_uri": run.data.tags["cnnlab.model_uri"],
+        "hostile": hostile, "benign": benign, "marker": marker, "data": data,
+    }  # fmt: skip
+
+
+def test_a_pickled_model_is_refused_with_one_line_and_never_unpickled(store, tmp_path):
+    ref, uri = store["hostile"], f"tracking.uri={store['uri']}"
+    Image.fromarray(synthetic_split(1, seed=2)[0][0]).save(tmp_path / "digit.png")
+    for prog, args in (("cnnlab-eval", store["data"]), ("cnnlab-predict", ["digit.png"])):
+        done = cli(prog, [ref, *args, uri], tmp_path)
+        assert done.returncode != 0 and done.stdout == ""
+        assert done.stderr.splitlines() == [
+            f"{prog}: error: model {ref} is stored as a pickle (torch.save), which can run code "
+            "when loaded; pass --trust-store if you trust the store that wrote it"
+        ]
+        assert not store["marker"].exists()
+    # The opt-in loads it the way MLflow does, and the payload runs: the refusal above mattered.
+    done = cli("cnnlab-eval", [ref, *store["data"], uri, "--trust-store"], tmp_path)
+    assert store["marker"].exists()
+    assert done.returncode != 0 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_trust_store_loads_a_benign_pickled_model(store):
+    with pytest.raises(TrackingError, match="stored as a pickle"):
+        load_model(store["benign"], store["uri"])
+    model = load_model(store["benign"], store["uri"], trust_store=True)
+    assert model.in_shape == (1, 28, 28)
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_a_cnnlab_model_is_rebuilt_from_its_config_as_exactly_the_logged_network(store):
+    rebuilt = load_model(store["run_id"], store["uri"])
+    assert isinstance(rebuilt.network, ConvNet)  # built by cnnlab, not deserialised
+    exported = load_model(store["model_uri"], store["uri"], trust_store=True)  # MLflow's own load
+    x = torch.rand(7, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), exported(x))
+
+
+def test_a_pt2_graph_that_runs_code_is_never_evaluated(store, tmp_path):
+    # torch.export.load eval()s each symbolic shape in the graph with sympy, and MLflow's check
+    # of pt2 archives only looks for pickles: this archive passes it and runs code when loaded.
+    mlflow.set_tracking_uri(store["uri"])
+    x = torch.zeros(2, 1, 28, 28)
+    network = ConvNet().eval()
+    info = mlflow.pytorch.log_model(
+        network, name="model", input_example=x.numpy(), pip_requirements=["torch"],
+        signature=infer_signature(x.numpy(), network(x).detach().numpy()), run_id=store["run_id"],
+    )  # fmt: skip
+    location = MlflowClient(store["uri"]).get_logged_model(info.model_id).artifact_location
+    archive = Path(urlparse(location).path) / "data" / "model.pt2"
+    with zipfile.ZipFile(archive) as original:
+        records = [(record, original.read(record)) for record in original.infolist()]
+    marker = tmp_path / "PT2_MARKER"
+    payload = f"__import__('pathlib').Path('{marker}').touch() or Symbol(".encode()
+    with zipfile.ZipFile(archive, "w") as out:
+        for record, data in records:
+            if record.filename.endswith("models/model.json"):
+                assert b'"expr_str": "Symbol(' in data
+                data = data.replace(b'"expr_str": "Symbol(', b'"expr_str": "' + payload)
+            out.writestr(record, data)
+
+    model = load_model(info.model_uri, store["uri"])
+    assert model(x).shape == (2, 10) and not marker.exists()
+    load_model(info.model_uri, store["uri"], trust_store=True)
+    assert marker.exists()
+
+
+def bomb_png(side: int) -> bytes:
+    """A valid side x side 1-bit PNG of zeros: ~50 KB that Pillow would decode to side**2 bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    deflate, row = zlib.compressobj(9), bytes(1 + (side + 7) // 8)  # filter byte + packed bits
+    idat = b"".join(deflate.compress(row) for _ in range(side)) + deflate.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1 bit, greyscale
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def test_predict_answers_every_good_image_and_refuses_each_hostile_file(store, tmp_path):
+    images, _ = synthetic_split(2, seed=2)
+    Image.fromarray(images[0]).save(tmp_path / "first.png")
+    Image.fromarray(images[1]).save(tmp_path / "last.png")
+    os.mkfifo(tmp_path / "fifo.png")  # opening it would wait forever for a writer
+    (tmp_path / "bomb.png").write_bytes(bomb_png(20000))  # 400 megapixels
+    (tmp_path / "medium.png").write_bytes(bomb_png(9000))  # 81: under Pillow's limit, over ours
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "folder.png").mkdir()
+    names = ["first.png", "fifo.png", "bomb.png", "medium.png", "notes.png", "folder.png"]
+    done = cli(
+        "cnnlab-predict",
+        [store["run_id"], *names, "missing.png", "last.png", f"tracking.uri={store['uri']}"],
+        tmp_path,
+    )
+    assert done.returncode == 1
+    assert [line.split(":")[0] for line in done.stdout.splitlines()] == ["first.png", "last.png"]
+    assert done.stderr.splitlines() == [
+        "cnnlab-predict: error: fifo.png: cannot read an image (a FIFO, not a regular file)",
+        "cnnlab-predict: error: bomb.png: cannot read an image (over the 64-megapixel limit)",
+        "cnnlab-predict: error: medium.png: cannot read an image "
+        "(9000x9000 pixels, over the 64-megapixel limit)",
+        "cnnlab-predict: error: notes.png: cannot read an image (not a format Pillow knows)",
+        "cnnlab-predict: error: folder.png: cannot read an image (a directory, not a regular file)",
+        "cnnlab-predict: error: missing.png: cannot read an image (no such file or directory)",
+    ]
