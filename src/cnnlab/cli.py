@@ -3,18 +3,21 @@ tracking URI's credentials, and how an error becomes one line and an exit status
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab import CnnlabError, interrupts, schema, sweep
-from cnnlab.tracking import move_credentials_to_env
+from cnnlab.tracking import move_credentials_to_env, resolve_uri
 
 # An installed wheel carries conf/ inside the package; a source checkout (pip install -e) reads
 # the top-level conf/ so that edits there take effect at once.
@@ -31,6 +34,19 @@ def launch_dir() -> Path:
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.cwd)
     return Path.cwd()
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """cnnlab-train's config with key=value `overrides`, checked the same way."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    schema.validate(cfg)
+    return cfg
+
+
+def store_uri(cfg: DictConfig) -> str:
+    """The absolute tracking URI `cfg` names (tracking.uri, $MLFLOW_TRACKING_URI, ./mlflow.db)."""
+    return resolve_uri(cfg.tracking.uri, launch_dir())
 
 
 def hide_credentials(argv: list[str]) -> list[str]:
@@ -75,3 +91,45 @@ def run_cli(prog: str, hydra_task: Callable[[], Any]) -> None:
         sys.exit(interrupts.exit_status(exc))
     except CnnlabError as exc:
         sys.exit(f"{prog}: error: {exc}")
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse's own error is a usage block and a line; cnnlab's errors are one line.
+    def error(self, message: str) -> NoReturn:
+        sys.exit(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def command(
+    prog: str,
+    doc: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    body: Callable[[argparse.Namespace], int | None],
+) -> None:
+    """Run a console script other than cnnlab-train: its arguments (with --help from `doc`),
+    then `body`; a CnnlabError or config error is one line, and `body`'s count of failures
+    sets the exit status.
+
+    Arguments holding `=` are gathered in `args.overrides` (cnnlab-train's key=value syntax).
+    """
+    summary, _, details = doc.strip().partition("\n")
+    parser = _Parser(
+        prog=prog,
+        description=summary,
+        epilog=details.strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    argv = hide_credentials(sys.argv[1:])
+    args, extra = parser.parse_known_args([a for a in argv if "=" not in a or a.startswith("-")])
+    if extra:
+        parser.error(f"unknown argument {extra[0]}")
+    args.overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        failed = body(args)
+    except CnnlabError as exc:
+        sys.exit(f"{prog}: error: {exc}")
+    except (HydraException, OmegaConfBaseException) as exc:
+        sys.exit(f"{prog}: error: {schema.describe_config_error(exc)}")
+    except KeyboardInterrupt as exc:
+        sys.exit(interrupts.exit_status(exc))
+    sys.exit(1 if failed else 0)

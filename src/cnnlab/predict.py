@@ -1,10 +1,9 @@
-"""cnnlab-eval and cnnlab-predict: use a logged model.
+"""cnnlab-predict: the class of each image file, by a logged model.
 
-    cnnlab-eval <run_id | models:/m-...> [data=fashion_mnist] [data.root=...] [--trust-store]
     cnnlab-predict <run_id | models:/m-...> digit.png another.jpg ... [--trust-store]
 
-Both find the store like cnnlab-train (tracking.uri=..., $MLFLOW_TRACKING_URI, or mlflow.db here)
-and take cnnlab-train's key=value overrides for it and for the data.
+It finds the store like cnnlab-train (tracking.uri=..., $MLFLOW_TRACKING_URI, or mlflow.db here)
+and takes cnnlab-train's key=value overrides for it.
 
 Nothing in the store runs as code: the network is rebuilt from its run's logged config and given
 the weights in the model's pt2 archive, read as plain numbers. A model that cannot be loaded
@@ -19,50 +18,20 @@ cnnlab-predict reads regular files only (not FIFOs, devices or directories) of a
 
 from __future__ import annotations
 
+import argparse
 import os
 import stat
 import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
-from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
-from cnnlab import CnnlabError, schema
-from cnnlab.data import load_dataset
-from cnnlab.loop import evaluate
-from cnnlab.tracking import load_model, resolve_uri
-from cnnlab.train import CONF_DIR
-
-
-def composed(overrides: list[str]) -> DictConfig:
-    """cnnlab-train's config with `overrides`, checked the same way."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    schema.validate(cfg)
-    return cfg
-
-
-def evaluate_logged(
-    model_ref: str, overrides: list[str], trust_store: bool = False
-) -> tuple[float, float]:
-    """Test loss and accuracy of a logged model on the configured dataset's test split."""
-    cfg = composed(overrides)
-    model = load_model(model_ref, resolve_uri(cfg.tracking.uri, Path.cwd()), trust_store)
-    data = load_dataset(**cfg.data)
-    loss, accuracy = evaluate(model, data.test, cfg.train.eval_batch_size)
-    print(
-        f"{model_ref} on {cfg.data.name} test ({len(data.test)} images): "
-        f"test loss {loss:.4f}, test accuracy {accuracy:.4%}"
-    )
-    return loss, accuracy
-
+from cnnlab import CnnlabError
+from cnnlab.cli import command, compose_config, store_uri
+from cnnlab.tracking import load_model
 
 MAX_MEGAPIXELS = 64  # larger images are refused: decoding one takes up to 4 bytes a pixel
 
@@ -145,8 +114,8 @@ def predict(
     """Print the class and probabilities for each image; return how many could not be read."""
     if not paths:
         raise CnnlabError("give one or more image files after the model")
-    cfg = composed(overrides)
-    model = load_model(model_ref, resolve_uri(cfg.tracking.uri, Path.cwd()), trust_store)
+    cfg = compose_config(overrides)
+    model = load_model(model_ref, store_uri(cfg), trust_store)
     failures = 0
     for name in paths:
         try:
@@ -164,46 +133,27 @@ def predict(
     return failures
 
 
-TRUST_STORE = "--trust-store"
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a run id or a models:/ URI")
+    parser.add_argument("images", nargs="*", help="image files (PNG, JPEG, ...)")
+    add_trust_store(parser)
 
 
-def _cli(prog: str, body: Callable[[str, list[str], list[str], bool], int]) -> None:
-    args = sys.argv[1:]
-    trust_store = TRUST_STORE in args
-    args = [a for a in args if a != TRUST_STORE]
-    if not args or args[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        sys.exit(0 if args else 2)
-    unknown = [a for a in args if a.startswith("--")]
-    if unknown:
-        sys.exit(
-            f"{prog}: error: unknown option {unknown[0]}; the options are {TRUST_STORE} and "
-            "--help (a file whose name starts with -- can be given as ./--name)"
-        )
-    overrides = [a for a in args[1:] if "=" in a]
-    rest = [a for a in args[1:] if "=" not in a]
-    try:
-        failed = body(args[0], rest, overrides, trust_store)
-    except CnnlabError as exc:
-        sys.exit(f"{prog}: error: {exc}")
-    except (HydraException, OmegaConfBaseException) as exc:
-        sys.exit(f"{prog}: error: {schema.describe_config_error(exc)}")
-    if failed:
-        sys.exit(1)
-
-
-def _eval(model_ref: str, extra: list[str], overrides: list[str], trust_store: bool) -> int:
-    if extra:
-        raise CnnlabError(f"unexpected argument {extra[0]}: give key=value overrides")
-    evaluate_logged(model_ref, overrides, trust_store)
-    return 0
-
-
-def eval_main() -> None:
-    """Console entry point of cnnlab-eval."""
-    _cli("cnnlab-eval", _eval)
-
-
-def predict_main() -> None:
+def main() -> None:
     """Console entry point of cnnlab-predict."""
-    _cli("cnnlab-predict", predict)
+    command(
+        "cnnlab-predict",
+        __doc__,
+        _arguments,
+        lambda args: predict(args.model, args.images, args.overrides, args.trust_store),
+    )
+
+
+def add_trust_store(parser: argparse.ArgumentParser) -> None:
+    """The --trust-store flag of the commands that load a logged model."""
+    parser.add_argument(
+        "--trust-store",
+        action="store_true",
+        help="load the model the way MLflow stored it (pickle, torch.export program), which can "
+        "run code from the store: only for a store you trust",
+    )

@@ -7,24 +7,20 @@ cnnlab-reproduce <run_id> tracking.uri=http://127.0.0.1:5000   # where the run i
 
 from __future__ import annotations
 
-import os
+import argparse
 import sys
-from pathlib import Path
 
-import torch
-from omegaconf.errors import OmegaConfBaseException
-
-from cnnlab import CnnlabError, __version__, schema
-from cnnlab.tracking import check_reachable, find_runs, resolve_uri, run_config, run_record
-from cnnlab.train import git_state, train
+from cnnlab import schema
+from cnnlab.cli import command, compose_config, store_uri
+from cnnlab.provenance import code_tags
+from cnnlab.tracking import check_reachable, find_runs, run_config, run_record
+from cnnlab.train import train
 
 
 def reproduce(run_id: str, overrides: list[str]) -> bool:
     """Run `run_id`'s logged config again (plus overrides); print the comparison; True if equal."""
-    given = dict(o.split("=", 1) for o in overrides if o.startswith("tracking.uri="))
-    uri = resolve_uri(
-        given.get("tracking.uri") or os.environ.get("MLFLOW_TRACKING_URI"), Path.cwd()
-    )
+    # The store is found like cnnlab-train finds it: tracking.uri=..., $MLFLOW_TRACKING_URI, ...
+    uri = store_uri(compose_config([o for o in overrides if o.startswith("tracking.uri=")]))
     check_reachable(uri)
     source = run_record(uri, run_id)
     cfg = schema.typed_config(run_config(uri, run_id), overrides)
@@ -43,14 +39,7 @@ def reproduce(run_id: str, overrides: list[str]) -> bool:
 
 def warn_about_differences(tags: dict[str, str]) -> None:
     """Say when the code or libraries differ from those the source run used."""
-    commit, dirty = git_state(Path(__file__).parent)
-    now = {
-        "mlflow.source.git.commit": commit,
-        "cnnlab.git_dirty": dirty,
-        "cnnlab.version": __version__,
-        "cnnlab.torch_version": torch.__version__,
-    }
-    for key, value in now.items():
+    for key, value in code_tags().items():
         if tags.get(key, value) != value:
             print(f"warning: {key} was {tags[key]}, is {value} now", file=sys.stderr)
 
@@ -77,17 +66,15 @@ def compare(source: dict, copy: dict, strict: bool) -> bool:
     return agree
 
 
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_id", help="the run to reproduce")
+
+
 def main() -> None:
     """Console entry point of cnnlab-reproduce."""
-    args = sys.argv[1:]
-    if not args or args[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        sys.exit(0 if args else 2)
-    try:
-        agree = reproduce(args[0], args[1:])
-    except CnnlabError as exc:
-        sys.exit(f"cnnlab-reproduce: error: {exc}")
-    except OmegaConfBaseException as exc:
-        sys.exit(f"cnnlab-reproduce: error: {schema.describe_config_error(exc)}")
-    if not agree:
-        sys.exit("cnnlab-reproduce: error: the reproduction differs from the source run")
+    command(
+        "cnnlab-reproduce",
+        __doc__,
+        _arguments,
+        lambda args: not reproduce(args.run_id, args.overrides),
+    )

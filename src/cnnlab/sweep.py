@@ -176,7 +176,7 @@ def job_tags() -> tuple[dict[str, str], str | None]:
     return tags, ",".join(f"{k}={v}" for k, v in values.items()) or None
 
 
-def failure_is_a_value() -> bool:
+def nan_for_a_failed_job() -> bool:
     """Whether a failed job should return NaN rather than raise.
 
     Hydra's basic sweeper aborts the sweep when a job raises; returning NaN lets the other jobs

@@ -9,27 +9,26 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from cnnlab import CnnlabError, __version__, checkpoint, interrupts, schema, sweep
+from cnnlab import CnnlabError, checkpoint, interrupts, schema, sweep
 from cnnlab.checkpoint import Progress
 from cnnlab.cli import CONF_DIR, launch_dir, run_cli
 from cnnlab.data import Dataset, Split, load_dataset
 from cnnlab.loop import TrainingInterrupted, evaluate, train_one_epoch
+from cnnlab.provenance import command_line_overrides, log_config, requirements, run_tags
 from cnnlab.step import TrainStep, check_cuda_graphs, flat_parameters
-from cnnlab.sweep import failure_is_a_value, in_sweep, job_tags
+from cnnlab.sweep import in_sweep, job_tags, nan_for_a_failed_job
 from cnnlab.tracking import (
     NullTracker,
     Tracker,
@@ -69,9 +68,9 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
     spool = here / cfg.tracking.pending_dir
     with open_run(cfg, uri, spool, device, data.checksum, extra_tags, model, optimizer) as (
         run,
-        at,
+        progress,
     ):
-        accuracy = fit(cfg, model, optimizer, train_split, test_split, run, at)
+        accuracy = fit(cfg, model, optimizer, train_split, test_split, run, progress)
         if cfg.tracking.log_model:
             example = data.test.images[:2].numpy()  # (2, C, H, W): the input the model expects
             run.log_model(model, example, requirements())  # tags the run cnnlab.model_uri
@@ -97,29 +96,29 @@ def fit(
     train_split: Split,
     test_split: Split,
     run: Tracker | NullTracker,
-    at: Progress,
+    progress: Progress,
 ) -> float:
     """Train the epochs from `at` on, logging as it goes; checkpoint each epoch and on a stop."""
     batches_per_epoch = -(-len(train_split) // cfg.train.batch_size)
     accuracy = math.nan
-    if at.epoch >= cfg.train.epochs:  # a resumed run that had trained every epoch already
+    if progress.epoch >= cfg.train.epochs:  # a resumed run that had trained every epoch already
         accuracy = evaluate(model, test_split, cfg.train.eval_batch_size)[1]
     show_bar = sys.stderr.isatty()
     step = TrainStep(model, optimizer, train_split, cfg.train.batch_size, cfg.hardware.cuda_graphs)
     with interrupts.stop_requests() as stop, tempfile.TemporaryDirectory() as tmp:
         last = Path(tmp) / "last.pt"
-        for epoch in range(at.epoch, cfg.train.epochs):
-            resuming = f" (resuming at mini-batch {at.batch + 1})" if at.batch else ""
+        for epoch in range(progress.epoch, cfg.train.epochs):
+            resuming = f" (resuming at mini-batch {progress.batch + 1})" if progress.batch else ""
             print(f"Starting epoch {epoch + 1}{resuming}")
-            torch.set_rng_state(at.rng)  # an epoch cut short re-draws the same order
+            torch.set_rng_state(progress.rng)  # an epoch cut short re-draws the same order
             try:
                 for batch, loss in train_one_epoch(
-                    step, cfg.train.log_every, show_bar, at.batch, at.running, stop
+                    step, cfg.train.log_every, show_bar, progress.batch, progress.running, stop
                 ):
                     print(f"Loss after mini-batch {batch:5d}: {loss:.3f}")
                     run.log_metrics({"train_loss": loss}, step=epoch * batches_per_epoch + batch)
-            except TrainingInterrupted as cut:
-                checkpoint.save(last, model, optimizer, Progress(epoch, *cut.args_for_resume()))
+            except TrainingInterrupted as stopped:
+                checkpoint.save(last, model, optimizer, Progress(epoch, *stopped.args_for_resume()))
                 run.log_checkpoint(last)
                 raise interrupts.Terminated(stop()) from None  # the run ends KILLED, resumable
             test_loss, accuracy = evaluate(model, test_split, cfg.train.eval_batch_size)
@@ -128,8 +127,8 @@ def fit(
                 {"test_loss": test_loss, "test_accuracy": accuracy, "epoch": epoch + 1},
                 step=(epoch + 1) * batches_per_epoch,
             )
-            at = Progress(epoch + 1)  # next epoch from its first batch, RNG as it is now
-            checkpoint.save(last, model, optimizer, at)
+            progress = Progress(epoch + 1)  # next epoch from its first batch, RNG as it is now
+            checkpoint.save(last, model, optimizer, progress)
             run.log_checkpoint(last)
     return accuracy
 
@@ -151,7 +150,7 @@ def open_run(
     """
     with interrupts.handled():
         if cfg.train.resume:
-            run, at = resumed_run(cfg, uri, spool, model, optimizer)
+            run, progress = resumed_run(cfg, uri, spool, model, optimizer)
         elif cfg.tracking.enabled:
             tags = {**run_tags(cfg, device, data_checksum), **(extra_tags or {})}
             sweep_tags, job_name = job_tags()
@@ -160,14 +159,13 @@ def open_run(
             run = create_run(
                 uri, cfg.tracking.experiment, run_name, tags, spool, cfg.tracking.flush_timeout
             )
-            at = Progress()  # RNG state now: right after the model's initialisation
+            progress = Progress()  # RNG state now: right after the model's initialisation
         else:
-            run, at = NullTracker(), Progress()
+            run, progress = NullTracker(), Progress()
         with closing_run(run):
             if not cfg.train.resume:
-                run.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-                log_config_artifacts(run, cfg)
-            yield run, at
+                log_config(run, cfg)
+            yield run, progress
 
 
 def resumed_run(
@@ -183,15 +181,15 @@ def resumed_run(
         path = run.download("checkpoints/last.pt", Path(tmp))
         if path is None:
             raise CnnlabError(f"run {run.run_id} has no checkpoint to resume from")
-        at = checkpoint.load(path, model, optimizer)
-    if at.epoch >= cfg.train.epochs and run.status() == "FINISHED":
+        progress = checkpoint.load(path, model, optimizer)
+    if progress.epoch >= cfg.train.epochs and run.status() == "FINISHED":
         raise CnnlabError(f"run {run.run_id} already trained all {cfg.train.epochs} epochs")
     # (Killed after its last epoch, e.g. while logging the model: fit has nothing left to
     # train, and the run is finished with its model.)
     run.skip_logged_steps(["train_loss", "test_loss", "test_accuracy", "epoch"])
     run.fail_unfinished_models()  # a model a killed process left PENDING will never be READY
     run.set_running()  # also after a SIGKILL left it RUNNING
-    return run, at
+    return run, progress
 
 
 # What a resume may change of the logged config: where it runs and where the data is.
@@ -268,69 +266,6 @@ def threads_per_job() -> int:
     return max(cores // jobs, 1) if jobs > 1 else 0
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay whole values."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
-def run_tags(cfg: DictConfig, device: torch.device, data_checksum: str) -> dict[str, str]:
-    """Tags that say what ran: code version, libraries, device, data and overrides."""
-    commit, dirty = git_state(Path(__file__).parent)
-    return {
-        "mlflow.source.git.commit": commit,
-        "cnnlab.git_dirty": dirty,
-        "cnnlab.version": __version__,
-        "cnnlab.torch_version": torch.__version__,
-        "cnnlab.device": str(device),
-        "cnnlab.dataset": cfg.data.name,
-        "cnnlab.dataset_md5": data_checksum,
-        "cnnlab.overrides": " ".join(command_line_overrides()),
-    }
-
-
-def git_state(path: Path) -> tuple[str, str]:
-    """(commit, "true"/"false" dirty) of the checkout holding `path`, or ("unknown", "unknown")."""
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(path), "rev-parse", "HEAD"],
-            capture_output=True, text=True, check=True, timeout=10,
-        ).stdout.strip()  # fmt: skip
-        status = subprocess.run(
-            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True, timeout=10,
-        ).stdout  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "unknown", "unknown"
-    return commit, str(bool(status.strip())).lower()
-
-
-def command_line_overrides() -> list[str]:
-    """The overrides this job was launched with ([] outside a Hydra app, e.g. in tests)."""
-    if not HydraConfig.initialized():
-        return []
-    return list(HydraConfig.get().overrides.task)
-
-
-def log_config_artifacts(run: Any, cfg: DictConfig) -> None:
-    """Resolved config, overrides and Hydra's own config: what a reproduction reads back."""
-    run.log_dict(OmegaConf.to_container(cfg, resolve=True), "config/config.yaml")
-    run.log_dict(command_line_overrides(), "config/overrides.yaml")
-    if HydraConfig.initialized() and HydraConfig.get().output_subdir is not None:
-        hydra_dir = Path(HydraConfig.get().runtime.output_dir) / HydraConfig.get().output_subdir
-        if hydra_dir.is_dir():
-            run.log_artifacts(hydra_dir, "hydra")
-
-
-def requirements() -> list[str]:
-    """What the logged model needs to load: the torch it was saved with."""
-    return [f"torch=={torch.__version__.split('+')[0]}"]
-
-
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float:
     """The Hydra task: one job of a run or a sweep."""
@@ -342,7 +277,7 @@ def hydra_main(cfg: DictConfig) -> float:
         if in_sweep():  # the run is already marked FAILED with the reason; the sweep goes on
             sweep.record_failure(exc)
             print(f"cnnlab-train: job failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            if failure_is_a_value():
+            if nan_for_a_failed_job():
                 return float("nan")
             raise
         if isinstance(exc, CnnlabError):  # here, not in main(), so Hydra adds no report

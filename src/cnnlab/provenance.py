@@ -1,0 +1,87 @@
+"""What ran: the code's version, the libraries, the device, the data and the overrides; and the
+config a run logs so that it can be run again."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from cnnlab import __version__
+
+
+def code_tags() -> dict[str, str]:
+    """The git commit, whether the checkout had changes, cnnlab's and torch's versions."""
+    commit, dirty = git_state(Path(__file__).parent)
+    return {
+        "mlflow.source.git.commit": commit,
+        "cnnlab.git_dirty": dirty,
+        "cnnlab.version": __version__,
+        "cnnlab.torch_version": torch.__version__,
+    }
+
+
+def run_tags(cfg: DictConfig, device: torch.device, data_checksum: str) -> dict[str, str]:
+    """Tags that say what ran: code version, libraries, device, data and overrides."""
+    return {
+        **code_tags(),
+        "cnnlab.device": str(device),
+        "cnnlab.dataset": cfg.data.name,
+        "cnnlab.dataset_md5": data_checksum,
+        "cnnlab.overrides": " ".join(command_line_overrides()),
+    }
+
+
+def git_state(path: Path) -> tuple[str, str]:
+    """(commit, "true"/"false" dirty) of the checkout holding `path`, or ("unknown", "unknown")."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "HEAD"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+        status = subprocess.run(
+            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", "unknown"
+    return commit, str(bool(status.strip())).lower()
+
+
+def command_line_overrides() -> list[str]:
+    """The overrides this job was launched with ([] outside a Hydra app, e.g. in tests)."""
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay whole values."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def log_config(run: Any, cfg: DictConfig) -> None:
+    """Params (the flattened resolved config), the config itself, the overrides and Hydra's own
+    config: what a reproduction reads back."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run.log_params(flatten(resolved))
+    run.log_dict(resolved, "config/config.yaml")
+    run.log_dict(command_line_overrides(), "config/overrides.yaml")
+    if HydraConfig.initialized() and HydraConfig.get().output_subdir is not None:
+        hydra_dir = Path(HydraConfig.get().runtime.output_dir) / HydraConfig.get().output_subdir
+        if hydra_dir.is_dir():
+            run.log_artifacts(hydra_dir, "hydra")
+
+
+def requirements() -> list[str]:
+    """What a logged model needs to load: the torch it was saved with."""
+    return [f"torch=={torch.__version__.split('+')[0]}"]
