@@ -1,13 +1,17 @@
-"""Real components for tests: an `mlflow server` on loopback, and a proxy in front of it that can
-hang or ask for a password, as a sick or protected team server would."""
+"""What tests share: synthetic datasets in the real IDX format, running cnnlab's commands as a
+user does, reading a store, and real components: an `mlflow server` on loopback, and a proxy in
+front of it that can hang or ask for a password, as a sick or protected team server would."""
 
 from __future__ import annotations
 
 import base64
+import gzip
+import hashlib
 import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -15,7 +19,154 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from cnnlab.data import FILES
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "data"  # real MNIST beside the checkout (CI, benchmarks)
 BIN = Path(sys.executable).parent  # console scripts of the environment running the tests
+
+
+# ------------------------------------------------------------------------------------ datasets
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array as an IDX file: magic (0, 0, 0x08, ndim), big-endian dims, data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def synthetic_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n 28x28 images whose class is a bright 6x6 square at one of ten places, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=n).astype(np.uint8)
+    images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        row, col = divmod(int(label), 5)
+        images[i, 4 + row * 12 : 10 + row * 12, 2 + col * 5 : 8 + col * 5] = 255
+    return images, labels
+
+
+def write_dataset(
+    raw_dir: Path, n_train: int = 600, n_test: int = 200, gz: bool = False
+) -> dict[str, str]:
+    """Write the four IDX files into raw_dir; return their md5s keyed like conf/data md5."""
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    train_x, train_y = synthetic_split(n_train, seed=1)
+    test_x, test_y = synthetic_split(n_test, seed=2)
+    arrays = {
+        "train_images": train_x, "train_labels": train_y,
+        "test_images": test_x, "test_labels": test_y,
+    }  # fmt: skip
+    md5 = {}
+    for key, array in arrays.items():
+        blob = idx_bytes(array)
+        md5[key] = hashlib.md5(blob).hexdigest()
+        name = FILES[key] + (".gz" if gz else "")
+        (raw_dir / name).write_bytes(gzip.compress(blob) if gz else blob)
+    return md5
+
+
+def data_overrides(root: Path, md5: dict[str, str]) -> list[str]:
+    """Overrides that point data=mnist at a synthetic set and switch fetching off."""
+    return [
+        f"data.root={root}",
+        *(f"data.md5.{key}={value}" for key, value in md5.items()),
+        "data.mirrors=[]",
+        "data.npm_package=null",
+    ]
+
+
+# ------------------------------------------------------------------------- commands and stores
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for a cnnlab subprocess: the test's own, minus user tracking settings."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_URI", "CNNLAB_DATA_ROOT", "MLFLOW_TRACKING_USERNAME",
+                     "MLFLOW_TRACKING_PASSWORD")
+    }  # fmt: skip
+    env.update(extra)
+    return env
+
+
+def cnnlab(command: str, *args: str, cwd: Path, timeout: float = 300, **kw):
+    """Run a cnnlab console script (train, sync, eval, ...) as a user does; its output captured."""
+    return subprocess.run(
+        [BIN / f"cnnlab-{command}", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+        env=kw.pop("env", None) or cli_env(), timeout=timeout, **kw,
+    )  # fmt: skip
+
+
+def train_in_process(folder: Path, tiny_data, *overrides: str) -> tuple[Store, str]:
+    """Train a tiny run in this process into a new store in `folder`: (store, run id).
+
+    For tests that need a logged run but do not test cnnlab-train's command line.
+    """
+    from cnnlab.cli import compose_config
+    from cnnlab.train import train
+
+    store = Store(f"sqlite:///{folder / 'mlflow.db'}")
+    cfg = compose_config([
+        *data_overrides(*tiny_data), "train.epochs=1", "train.log_every=20", "hardware=cpu",
+        f"tracking.uri={store.uri}", f"tracking.pending_dir={folder / 'cnnlab-pending'}",
+        *overrides,
+    ])  # fmt: skip
+    train(cfg)
+    [run] = store.runs()
+    return store, run.info.run_id
+
+
+class Running:
+    """cnnlab-train started in the background; `wait_for` reads its stdout up to a line."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [BIN / "cnnlab-train", *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env=env or cli_env(),
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self.times: dict[str, float] = {}
+
+    def wait_for(self, prefix: str) -> str:
+        """Read stdout until a line starts with `prefix`; that line (fails if the run ends)."""
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith(prefix):
+                self.times[prefix] = time.monotonic()
+                return line
+        raise AssertionError(f"no line {prefix!r}; stderr: {self.proc.stderr.read()[-3000:]}")
+
+    def finish(self, timeout: float = 240) -> tuple[int, str]:
+        """(exit status, stderr) once the process ends; stdout lines are kept in `lines`."""
+        out, err = self.proc.communicate(timeout=timeout)
+        self.lines += out.splitlines(keepends=True)
+        self.times["end"] = time.monotonic()
+        return self.proc.returncode, err
+
+
+class Store:
+    """A tracking store as tests read it."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.client = MlflowClient(uri)
+
+    def runs(self, experiment: str = "cnnlab", where: str = "") -> list:
+        """The runs of `experiment` (optionally filtered), newest first."""
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        return self.client.search_runs([found.experiment_id], filter_string=where)
+
+    def only_run(self, experiment: str = "cnnlab"):
+        """The experiment's one run (fails when there are more or none)."""
+        [run] = self.runs(experiment)
+        return run
+
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) of one metric, in logging order."""
+        return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
 
 
 def free_port() -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
 import zipfile
 import zlib
 from pathlib import Path
@@ -13,21 +12,13 @@ from urllib.parse import urlparse
 import mlflow
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from cnnlab.models import ConvNet
 from cnnlab.tracking import TrackingError, load_model
-from cnnlab.train import CONF_DIR, train
-from conftest import BIN, cli_env, data_overrides, synthetic_split
-
-
-def cli(prog: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [BIN / prog, *args], cwd=cwd, capture_output=True, text=True, env=cli_env(), timeout=120
-    )
+from helpers import cnnlab, data_overrides, synthetic_split, train_in_process
 
 
 class Payload(torch.nn.Linear):
@@ -44,6 +35,9 @@ class Payload(torch.nn.Linear):
 def log_pickled(uri: str, run_id: str, module: torch.nn.Module) -> str:
     """Log `module` in MLflow's pickle format (torch.save) to `run_id`; return its models:/ URI."""
     mlflow.set_tracking_uri(uri)
+    # The run's experiment: MLflow would otherwise create the model in experiment 0, whose
+    # artifacts go to ./mlruns under the current directory.
+    mlflow.set_experiment(experiment_id=MlflowClient(uri).get_run(run_id).info.experiment_id)
     x = torch.zeros(2, 1, 28, 28)
     info = mlflow.pytorch.log_model(
         module,
@@ -57,19 +51,14 @@ def log_pickled(uri: str, run_id: str, module: torch.nn.Module) -> str:
 
 
 @pytest.fixture(scope="module")
-def store(tiny_data, tmp_path_factory) -> dict:
+def logged(tiny_data, tmp_path_factory) -> dict:
     """A store with a cnnlab run (pt2 model) and, in another run, two pickled models."""
     home = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{home / 'mlflow.db'}"
     data = data_overrides(*tiny_data)
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(
-            "config", overrides=[*data, "train.epochs=1", "hardware=cpu", f"tracking.uri={uri}"]
-        )
-    train(cfg)
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("cnnlab").experiment_id
-    [run] = client.search_runs([experiment])
+    trained, run_id = train_in_process(home, tiny_data)
+    uri, client = trained.uri, trained.client
+    run = client.get_run(run_id)
+    experiment = run.info.experiment_id
     other = client.create_run(experiment).info.run_id
     marker = home / "MARKER"
     hostile = log_pickled(uri, other, Payload(marker))
@@ -83,52 +72,52 @@ def store(tiny_data, tmp_path_factory) -> dict:
     }  # fmt: skip
 
 
-def test_a_pickled_model_is_refused_with_one_line_and_never_unpickled(store, tmp_path):
-    ref, uri = store["hostile"], f"tracking.uri={store['uri']}"
+def test_a_pickled_model_is_refused_with_one_line_and_never_unpickled(logged, tmp_path):
+    ref, uri = logged["hostile"], f"tracking.uri={logged['uri']}"
     Image.fromarray(synthetic_split(1, seed=2)[0][0]).save(tmp_path / "digit.png")
-    for prog, args in (("cnnlab-eval", store["data"]), ("cnnlab-predict", ["digit.png"])):
-        done = cli(prog, [ref, *args, uri], tmp_path)
+    for prog, args in (("cnnlab-eval", logged["data"]), ("cnnlab-predict", ["digit.png"])):
+        done = cnnlab(prog.removeprefix("cnnlab-"), ref, *args, uri, cwd=tmp_path)
         assert done.returncode != 0 and done.stdout == ""
         assert done.stderr.splitlines() == [
             f"{prog}: error: model {ref} is stored as a pickle (torch.save), which can run code "
             "when loaded; pass --trust-store if you trust the store that wrote it"
         ]
-        assert not store["marker"].exists()
+        assert not logged["marker"].exists()
     # The opt-in loads it the way MLflow does, and the payload runs: the refusal above mattered.
-    done = cli("cnnlab-eval", [ref, *store["data"], uri, "--trust-store"], tmp_path)
-    assert store["marker"].exists()
+    done = cnnlab("eval", ref, *logged["data"], uri, "--trust-store", cwd=tmp_path)
+    assert logged["marker"].exists()
     assert done.returncode != 0 and len(done.stderr.splitlines()) == 1, done.stderr
     assert "Traceback" not in done.stderr
 
 
-def test_trust_store_loads_a_benign_pickled_model(store):
+def test_trust_store_loads_a_benign_pickled_model(logged):
     with pytest.raises(TrackingError, match="stored as a pickle"):
-        load_model(store["benign"], store["uri"])
-    model = load_model(store["benign"], store["uri"], trust_store=True)
+        load_model(logged["benign"], logged["uri"])
+    model = load_model(logged["benign"], logged["uri"], trust_store=True)
     assert model.in_shape == (1, 28, 28)
     assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
 
 
-def test_a_cnnlab_model_is_rebuilt_from_its_config_as_exactly_the_logged_network(store):
-    rebuilt = load_model(store["run_id"], store["uri"])
+def test_a_cnnlab_model_is_rebuilt_from_its_config_as_exactly_the_logged_network(logged):
+    rebuilt = load_model(logged["run_id"], logged["uri"])
     assert isinstance(rebuilt.network, ConvNet)  # built by cnnlab, not deserialised
-    exported = load_model(store["model_uri"], store["uri"], trust_store=True)  # MLflow's own load
+    exported = load_model(logged["model_uri"], logged["uri"], trust_store=True)  # MLflow's own load
     x = torch.rand(7, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), exported(x))
 
 
-def test_a_pt2_graph_that_runs_code_is_never_evaluated(store, tmp_path):
+def test_a_pt2_graph_that_runs_code_is_never_evaluated(logged, tmp_path):
     # torch.export.load eval()s each symbolic shape in the graph with sympy, and MLflow's check
     # of pt2 archives only looks for pickles: this archive passes it and runs code when loaded.
-    mlflow.set_tracking_uri(store["uri"])
+    mlflow.set_tracking_uri(logged["uri"])
     x = torch.zeros(2, 1, 28, 28)
     network = ConvNet().eval()
     info = mlflow.pytorch.log_model(
         network, name="model", input_example=x.numpy(), pip_requirements=["torch"],
-        signature=infer_signature(x.numpy(), network(x).detach().numpy()), run_id=store["run_id"],
+        signature=infer_signature(x.numpy(), network(x).detach().numpy()), run_id=logged["run_id"],
     )  # fmt: skip
-    location = MlflowClient(store["uri"]).get_logged_model(info.model_id).artifact_location
+    location = MlflowClient(logged["uri"]).get_logged_model(info.model_id).artifact_location
     archive = Path(urlparse(location).path) / "data" / "model.pt2"
     with zipfile.ZipFile(archive) as original:
         records = [(record, original.read(record)) for record in original.infolist()]
@@ -141,9 +130,9 @@ def test_a_pt2_graph_that_runs_code_is_never_evaluated(store, tmp_path):
                 data = data.replace(b'"expr_str": "Symbol(', b'"expr_str": "' + payload)
             out.writestr(record, data)
 
-    model = load_model(info.model_uri, store["uri"])
+    model = load_model(info.model_uri, logged["uri"])
     assert model(x).shape == (2, 10) and not marker.exists()
-    load_model(info.model_uri, store["uri"], trust_store=True)
+    load_model(info.model_uri, logged["uri"], trust_store=True)
     assert marker.exists()
 
 
@@ -162,7 +151,7 @@ def bomb_png(side: int) -> bytes:
     )
 
 
-def test_predict_answers_every_good_image_and_refuses_each_hostile_file(store, tmp_path):
+def test_predict_answers_every_good_image_and_refuses_each_hostile_file(logged, tmp_path):
     images, _ = synthetic_split(2, seed=2)
     Image.fromarray(images[0]).save(tmp_path / "first.png")
     Image.fromarray(images[1]).save(tmp_path / "last.png")
@@ -172,11 +161,10 @@ def test_predict_answers_every_good_image_and_refuses_each_hostile_file(store, t
     (tmp_path / "notes.png").write_text("not an image")
     (tmp_path / "folder.png").mkdir()
     names = ["first.png", "fifo.png", "bomb.png", "medium.png", "notes.png", "folder.png"]
-    done = cli(
-        "cnnlab-predict",
-        [store["run_id"], *names, "missing.png", "last.png", f"tracking.uri={store['uri']}"],
-        tmp_path,
-    )
+    done = cnnlab(
+        "predict", logged["run_id"], *names, "missing.png", "last.png",
+        f"tracking.uri={logged['uri']}", cwd=tmp_path, timeout=120,
+    )  # fmt: skip
     assert done.returncode == 1
     assert [line.split(":")[0] for line in done.stdout.splitlines()] == ["first.png", "last.png"]
     assert done.stderr.splitlines() == [

@@ -6,9 +6,8 @@ import os
 import subprocess
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import BIN, SHARED_MNIST, cli_env
+from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 

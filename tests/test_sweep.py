@@ -8,9 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import BIN, cli_env
+from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 

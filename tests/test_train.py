@@ -10,36 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from mlflow.tracking import MlflowClient
 
 from cnnlab.data import load_dataset
 from cnnlab.loop import evaluate
 from cnnlab.tracking import load_model
-from conftest import BIN, cli_env
+from helpers import BIN, Store, cli_env, cnnlab
 
 
-def run_cli(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [BIN / "cnnlab-train", *args], cwd=cwd, capture_output=True, text=True,
-        env=cli_env(), timeout=300, **kw,
-    )  # fmt: skip
-
-
-def only_run(uri: str):
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])
-    assert len(runs) == 1
-    return client, runs[0]
-
-
-def test_a_run_logs_params_metrics_artifacts_and_a_loadable_model(tiny_overrides, tmp_path):
-    done = run_cli([*tiny_overrides, "train.epochs=2", "tracking.run_name=e2e"], cwd=tmp_path)
+def test_a_run_logs_params_metrics_artifacts_and_a_loadable_model(tiny_overrides, tmp_path, store):
+    done = cnnlab("train", *tiny_overrides, "train.epochs=2", "tracking.run_name=e2e", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("Loss after mini-batch") == 2 * 3  # 60 batches/epoch, every 20
     assert "Starting epoch 2" in done.stdout
 
-    uri = next(o.split("=", 1)[1] for o in tiny_overrides if o.startswith("tracking.uri="))
-    client, run = only_run(uri)
+    client, run = store.client, store.only_run()
     assert run.info.status == "FINISHED" and run.info.run_name == "e2e"
 
     # Params: the whole resolved config, flattened to dotted keys.
@@ -72,28 +56,32 @@ def test_a_run_logs_params_metrics_artifacts_and_a_loadable_model(tiny_overrides
     assert logged_cfg["train"]["epochs"] == 2 and "${" not in Path(local).read_text()
 
     # The model loads back through MLflow and scores the logged test accuracy.
-    model = load_model(tags["cnnlab.model_uri"], uri)
+    model = load_model(tags["cnnlab.model_uri"], store.uri)
     cfg_data = dict(logged_cfg["data"])
     data = load_dataset(**cfg_data)
     _, reloaded_accuracy = evaluate(model, data.test, batch_size=1000)
     assert reloaded_accuracy == pytest.approx(accuracy[-1].value, abs=1e-9)
 
 
-def test_nan_loss_fails_the_run_and_keeps_what_was_logged(tiny_overrides, tmp_path):
-    done = run_cli(
-        [*tiny_overrides, "optimizer=sgd", "optimizer.lr=1e30", "train.log_every=1"], cwd=tmp_path
+def test_nan_loss_fails_the_run_and_keeps_what_was_logged(tiny_overrides, tmp_path, store):
+    done = cnnlab(
+        "train",
+        *tiny_overrides,
+        "optimizer=sgd",
+        "optimizer.lr=1e30",
+        "train.log_every=1",
+        cwd=tmp_path,
     )
     assert done.returncode != 0
     assert "training loss became" in done.stderr and "lower optimizer.lr" in done.stderr
     assert "Traceback" not in done.stderr
-    uri = next(o.split("=", 1)[1] for o in tiny_overrides if o.startswith("tracking.uri="))
-    client, run = only_run(uri)
+    run = store.only_run()
     assert run.info.status == "FAILED"
     assert "NonFiniteLossError" in run.data.tags["cnnlab.error"]
     assert run.data.params["optimizer.lr"] == "1e+30"  # params logged before the failure stay
 
 
-def test_ctrl_c_marks_the_run_killed(tiny_overrides, tmp_path):
+def test_ctrl_c_marks_the_run_killed(tiny_overrides, tmp_path, store):
     proc = subprocess.Popen(
         [BIN / "cnnlab-train", *tiny_overrides, "train.epochs=1000", "train.log_every=1"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
@@ -104,15 +92,14 @@ def test_ctrl_c_marks_the_run_killed(tiny_overrides, tmp_path):
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    uri = next(o.split("=", 1)[1] for o in tiny_overrides if o.startswith("tracking.uri="))
-    client, run = only_run(uri)
+    client, run = store.client, store.only_run()
     assert run.info.status == "KILLED"
     assert client.get_metric_history(run.info.run_id, "train_loss")  # the losses so far are kept
 
 
 def test_unreachable_server_fails_fast_before_training(tiny_overrides, tmp_path):
     start = time.monotonic()
-    done = run_cli([*tiny_overrides, "tracking.uri=http://127.0.0.1:9"], cwd=tmp_path)
+    done = cnnlab("train", *tiny_overrides, "tracking.uri=http://127.0.0.1:9", cwd=tmp_path)
     assert done.returncode != 0
     assert time.monotonic() - start < 60
     assert "tracking server http://127.0.0.1:9 is unreachable" in done.stderr
@@ -120,10 +107,9 @@ def test_unreachable_server_fails_fast_before_training(tiny_overrides, tmp_path)
 
 
 def test_missing_data_lists_the_sources_tried_and_the_manual_fix(tmp_path):
-    done = run_cli(
-        [f"data.root={tmp_path / 'none'}", "data.mirrors=[http://127.0.0.1:9/]",
-         "data.npm_package=null", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"],
-        cwd=tmp_path,
+    done = cnnlab(
+        "train", f"data.root={tmp_path / 'none'}", "data.mirrors=[http://127.0.0.1:9/]",
+        "data.npm_package=null", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode != 0
     line = done.stderr.strip()
@@ -135,17 +121,17 @@ def test_missing_data_lists_the_sources_tried_and_the_manual_fix(tmp_path):
 
 def test_default_store_is_sqlite_in_the_launch_directory(tiny_overrides, tmp_path):
     overrides = [o for o in tiny_overrides if not o.startswith("tracking.uri=")]
-    done = run_cli([*overrides, "tracking.log_model=false"], cwd=tmp_path)
+    done = cnnlab("train", *overrides, "tracking.log_model=false", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "mlflow.db").is_file()
-    client, run = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = Store(f"sqlite:///{tmp_path / 'mlflow.db'}").only_run()
     assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
     assert f"sqlite:///{tmp_path / 'mlflow.db'}" in done.stdout
 
 
 def test_tracking_off_trains_without_touching_a_store(tiny_overrides, tmp_path):
     overrides = [o for o in tiny_overrides if not o.startswith("tracking.uri=")]
-    done = run_cli([*overrides, "tracking.enabled=false"], cwd=tmp_path)
+    done = cnnlab("train", *overrides, "tracking.enabled=false", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "Epoch 1: test loss" in done.stdout
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()

@@ -24,6 +24,8 @@ from cnnlab.tracking import move_credentials_to_env, resolve_uri
 _PACKAGED_CONF = Path(__file__).with_name("conf")
 CONF_DIR = str(_PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).parents[2] / "conf")
 
+schema.register()  # conf/*.yaml extend the typed schemas: every command composes with them
+
 
 def launch_dir() -> Path:
     """The folder the command was started in, also inside a job run with hydra.job.chdir=true.

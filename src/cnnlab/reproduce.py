@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cnnlab import schema
+from cnnlab import CnnlabError, schema
 from cnnlab.cli import command, compose_config, store_uri
 from cnnlab.provenance import code_tags
 from cnnlab.tracking import check_reachable, find_runs, run_config, run_record
@@ -70,11 +70,11 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_id", help="the run to reproduce")
 
 
+def _reproduce(args: argparse.Namespace) -> None:
+    if not reproduce(args.run_id, args.overrides):
+        raise CnnlabError("the reproduction differs from the source run")
+
+
 def main() -> None:
     """Console entry point of cnnlab-reproduce."""
-    command(
-        "cnnlab-reproduce",
-        __doc__,
-        _arguments,
-        lambda args: not reproduce(args.run_id, args.overrides),
-    )
+    command("cnnlab-reproduce", __doc__, _arguments, _reproduce)

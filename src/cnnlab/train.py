@@ -42,7 +42,6 @@ from cnnlab.tracking import (
     set_request_timeout,
 )
 
-schema.register()
 _DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before any job changes it
 
 
