@@ -54,7 +54,7 @@ def load(
     e.g. the run's artifact, else the path) and saying that none of it was run or used.
     """
     where = name or f"checkpoint {path}"
-    fix = "resume another run, or start this one afresh with cnnlab-reproduce <run id>"
+    fix = "Resume another run, or start this one afresh with cnnlab-reproduce <run id>"
     try:
         # weights_only: a checkpoint from a store is data, never code to run. Its warnings (an
         # unusual pickle protocol) would only add lines to the refusal below.
