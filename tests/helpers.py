@@ -8,6 +8,7 @@ import base64
 import gzip
 import hashlib
 import os
+import resource
 import select
 import signal
 import socket
@@ -143,6 +144,30 @@ class Running:
         self.lines += out.splitlines(keepends=True)
         self.times["end"] = time.monotonic()
         return self.proc.returncode, err
+
+
+def one_error_line(done: subprocess.CompletedProcess) -> str:
+    """The single stderr line of a command that failed as cnnlab promises: no traceback."""
+    assert done.returncode not in (0, None), done.stdout
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("cnnlab-")
+    return lines[0]
+
+
+def file_size_limit(limit: int):
+    """A preexec_fn: no file the child writes may grow past `limit` bytes, as on a full disk.
+
+    A write past it then fails with EFBIG, as one on a full disk fails with ENOSPC, instead of
+    SIGXFSZ killing the process.
+    """
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
 
 
 class Store:

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from cnnlab.data import FILES, DataError, load_dataset, parse_idx
-from conftest import idx_bytes, synthetic_split, write_dataset
+from cnnlab.schema import ConfigError, validate
+from helpers import idx_bytes, synthetic_split, write_dataset
 
 
 def load(root: Path, md5: dict[str, str], **sources) -> object:
@@ -179,3 +180,31 @@ def test_a_sweep_process_reads_a_dataset_once_until_a_file_changes(tmp_path):
     path.write_bytes(path.read_bytes()[:-1] + b"\x09")  # same size, new content and mtime
     with pytest.raises(DataError, match="corrupt or truncated"):
         load(tmp_path, md5)
+
+
+def test_a_folder_where_a_raw_file_belongs_is_named_and_no_partial_file_is_left(
+    tmp_path, gz_source
+):
+    folder, md5 = gz_source
+    raw = tmp_path / "root" / "MNIST" / "raw"
+    (raw / FILES["train_labels"]).mkdir(parents=True)
+    with pytest.raises(DataError) as info:
+        load(tmp_path / "root", md5, debian_dir=str(folder))
+    assert str(info.value) == (
+        f"{raw / FILES['train_labels']} is a folder where the fetched file "
+        f"{FILES['train_labels']} belongs; remove it and run again"
+    )
+    assert not [p.name for p in raw.iterdir() if p.name.endswith(".part")]
+    (raw / FILES["train_labels"]).rmdir()  # the fix the message gives
+    assert len(load(tmp_path / "root", md5, debian_dir=str(folder)).train) == 50
+
+
+@pytest.mark.parametrize("value", ["abc", "0" * 31 + "g", "D41D8CD98F00B204E9800998ECF8427E"])
+def test_an_md5_that_is_not_32_hex_digits_is_a_config_error_not_a_bad_file(compose_cfg, value):
+    cfg = compose_cfg([f"data.md5.train_labels={value}"])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert str(info.value) == (
+        f"data.md5.train_labels={value} is invalid: expected 32 lowercase hex digits; "
+        "set data.md5.train_labels=<value>"
+    )

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_parity import ArticleConvNet
 
 from cnnlab import CnnlabError
 from cnnlab.models import MLP, ConvNet
-from test_parity import ArticleConvNet
 
 
 def test_convnet_is_the_articles_network():

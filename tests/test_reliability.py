@@ -4,7 +4,6 @@ a full disk. Real servers and processes, real signals; every wait is bounded."""
 from __future__ import annotations
 
 import re
-import resource
 import signal
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from cnnlab.tracking import load_model
-from helpers import Proxy, Running, Store, cnnlab
+from helpers import Proxy, Running, Store, cnnlab, file_size_limit
 
 pytestmark = pytest.mark.slow
 
@@ -239,14 +238,6 @@ def test_chdir_jobs_share_the_launch_folders_store_and_data(tiny_data, tmp_path)
         assert not list((tmp_path / folder).rglob("cnnlab-pending"))
 
 
-def _file_size_limit(limit: int):
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
-
-
 def test_a_full_disk_during_a_run_is_one_line_and_keeps_what_was_logged(
     tiny_overrides, tmp_path, store
 ):
@@ -257,7 +248,7 @@ def test_a_full_disk_during_a_run_is_one_line_and_keeps_what_was_logged(
     assert probe.returncode == 0, probe.stderr
     full = cnnlab(
         "train", *args, "tracking.run_name=full", cwd=tmp_path,
-        preexec_fn=_file_size_limit(1_500_000),
+        preexec_fn=file_size_limit(1_500_000),
     )  # fmt: skip
     assert full.returncode == 1
     lines = full.stderr.strip().splitlines()

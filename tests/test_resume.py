@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Running, Store, cnnlab
+from helpers import Running, Store, cnnlab, one_error_line
 
 EXTRA = ["train.epochs=2", "train.log_every=5", "tracking.log_model=false"]
 
@@ -74,14 +74,6 @@ def test_a_sigkilled_run_left_running_resumes_from_its_last_epoch(
     # Epoch 2 is retrained from the epoch-1 checkpoint; the losses it had already logged are
     # not logged twice.
     assert store.history(run.info.run_id, "train_loss") == unbroken[0]
-
-
-def one_error_line(done) -> str:
-    """The single stderr line of a failed command."""
-    assert done.returncode != 0
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    return lines[0]
 
 
 def test_resume_errors_are_one_line(tiny_overrides, tmp_path, store):

@@ -17,6 +17,7 @@ import tempfile
 import urllib.request
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,9 +221,15 @@ def fetch(name: str, raw_dir: Path, md5: Mapping[str, str], sources: Sequence[So
 
 
 def _store(raw_dir: Path, blobs: Mapping[str, bytes]) -> None:
+    partial = None
     try:
         raw_dir.mkdir(parents=True, exist_ok=True)
         for file_name, blob in blobs.items():
+            if (raw_dir / file_name).is_dir():
+                raise DataError(
+                    f"{raw_dir / file_name} is a folder where the fetched file {file_name} "
+                    "belongs; remove it and run again"
+                )
             # Write then rename, so an interrupted fetch never leaves a half file behind.
             partial = raw_dir / f".{file_name}.part"
             partial.write_bytes(blob)
@@ -232,6 +239,10 @@ def _store(raw_dir: Path, blobs: Mapping[str, bytes]) -> None:
             f"cannot write the fetched files into {raw_dir} ({exc.strerror}); "
             "set data.root (or CNNLAB_DATA_ROOT) to a writable folder"
         ) from exc
+    finally:
+        if partial is not None:
+            with suppress(OSError):
+                partial.unlink(missing_ok=True)  # gone already once renamed
 
 
 def _mirror(base_url: str, timeout: float) -> Callable[[Path, Sequence[str]], None]:

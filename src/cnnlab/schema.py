@@ -190,6 +190,7 @@ def register() -> None:
 
 # ----------------------------------------------------------------------- value checks (validate)
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_MD5 = re.compile(r"[0-9a-f]{32}")  # as md5sum and hashlib print it
 
 
 def _positive_int(v: Any) -> bool:
@@ -226,6 +227,10 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("model.hidden", lambda v: all(_positive_int(c) for c in v), "integers >= 1"),
     ("data.num_classes", lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
     ("data.download_timeout", _positive_float, "a number of seconds > 0"),
+    *(
+        (f"data.md5.{f.name}", lambda v: bool(_MD5.fullmatch(str(v))), "32 lowercase hex digits")
+        for f in fields(Checksums)
+    ),
     ("hardware.device", lambda v: bool(_DEVICE.match(v)), "one of auto, cpu, cuda, cuda:N"),
     ("hardware.threads", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: default)"),
     ("tracking.experiment", lambda v: bool(v.strip()), "a non-empty name"),

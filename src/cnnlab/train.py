@@ -180,7 +180,9 @@ def resumed_run(
         path = run.download("checkpoints/last.pt", Path(tmp))
         if path is None:
             raise CnnlabError(f"run {run.run_id} has no checkpoint to resume from")
-        progress = checkpoint.load(path, model, optimizer)
+        progress = checkpoint.load(
+            path, model, optimizer, f"run {run.run_id}'s checkpoints/last.pt"
+        )
     if progress.epoch >= cfg.train.epochs and run.status() == "FINISHED":
         raise CnnlabError(f"run {run.run_id} already trained all {cfg.train.epochs} epochs")
     # (Killed after its last epoch, e.g. while logging the model: fit has nothing left to
