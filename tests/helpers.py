@@ -175,7 +175,14 @@ class Store:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
-        self.client = MlflowClient(uri)
+        self._client: MlflowClient | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        """A client of the store, made at first use (making one creates a SQLite store)."""
+        if self._client is None:
+            self._client = MlflowClient(self.uri)
+        return self._client
 
     def runs(self, experiment: str = "cnnlab", where: str = "") -> list:
         """The runs of `experiment` (optionally filtered), newest first."""
