@@ -11,6 +11,8 @@ one worker, Adam, a .item() per step.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import platform
@@ -21,7 +23,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
@@ -32,47 +33,9 @@ from omegaconf import DictConfig, OmegaConf
 from cnnlab import CnnlabError, schema
 from cnnlab.data import Dataset, load_dataset
 from cnnlab.loop import train_one_epoch
-from cnnlab.models import ConvNet
+from cnnlab.reference import article_training
 from cnnlab.step import TrainStep
 from cnnlab.train import CONF_DIR, build_model, run_cli, setup_hardware, train
-
-
-def article_training(
-    root: Path, batches: int, log_every: int, device: torch.device
-) -> tuple[list[float], float]:
-    """The article's __main__ loop for `batches` mini-batches (across epochs): (losses, seconds).
-
-    The reference the article-parity test and the benchmark compare cnnlab against.
-    """
-    try:
-        from torchvision import transforms
-        from torchvision.datasets import MNIST
-    except ImportError as exc:
-        raise CnnlabError("the article's loop needs torchvision: pip install torchvision") from exc
-    torch.manual_seed(42)
-    dataset = MNIST(str(root), download=False, transform=transforms.ToTensor())
-    start = time.perf_counter()  # from here on, as cnnlab's side: data already in memory
-    trainloader = torch.utils.data.DataLoader(dataset, batch_size=10, shuffle=True, num_workers=1)
-    convnet = ConvNet().to(device)  # the article's layers, in its order (tests/test_models.py)
-    loss_function = torch.nn.CrossEntropyLoss()
-    optimizer = torch.optim.Adam(convnet.parameters(), lr=1e-4)
-    losses, done = [], 0
-    while done < batches:  # the article's `for epoch in range(0, 5)`, cut at `batches`
-        current_loss = 0.0
-        for i, (inputs, targets) in enumerate(trainloader):
-            inputs, targets = inputs.to(device), targets.to(device)
-            optimizer.zero_grad()
-            loss = loss_function(convnet(inputs), targets)
-            loss.backward()
-            optimizer.step()
-            current_loss += loss.item()
-            if i % log_every == log_every - 1:
-                losses.append(current_loss / log_every)
-                current_loss = 0.0
-            done += 1
-            if done == batches:
-                break
-    return losses, time.perf_counter() - start
 
 
 def cnnlab_training(
@@ -98,6 +61,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _quiet() -> contextlib.AbstractContextManager:
+    """Silence stdout while a measured run prints its progress."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
 def flops_per_sample(cfg: DictConfig, in_shape: tuple[int, ...], num_classes: int) -> float:
     """Forward + backward FLOPs of one training sample, counted by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -109,12 +77,27 @@ def flops_per_sample(cfg: DictConfig, in_shape: tuple[int, ...], num_classes: in
     return counter.get_total_flops() / 8
 
 
+def cpu_info() -> list[dict[str, str]]:
+    """/proc/cpuinfo as one {field: value} per logical processor; [] where there is none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    return [
+        {
+            key.strip(): value.strip()
+            for key, _, value in (ln.partition(":") for ln in block.splitlines())
+        }
+        for block in text.strip().split("\n\n")
+    ]
+
+
 def cpu_peak_flops() -> tuple[float, str]:
     """This CPU's fp32 peak: cores x 2 FMA units x SIMD lanes x 2 FLOPs x clock."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
-    lanes = 16 if " avx512f" in flags else 8 if " avx2" in flags else 4
-    mhz = [float(ln.split(":")[1]) for ln in info.splitlines() if ln.startswith("cpu MHz")]
+    processors = cpu_info()
+    flags = processors[0].get("flags", "").split() if processors else []
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    mhz = [float(p["cpu MHz"]) for p in processors if "cpu MHz" in p]
     ghz = (max(mhz) if mhz else 2000.0) / 1000
     cores = os.cpu_count() or 1
     peak = cores * 2 * lanes * 2 * ghz * 1e9
@@ -194,7 +177,6 @@ def section_tracking(cfg: DictConfig, data: Dataset, device: torch.device) -> li
     from cnnlab.tracking import create_run, mlflow_seconds
 
     store = Path(tempfile.mkdtemp(prefix="cnnlab-bench-")) / "mlflow.db"
-    quiet = _Quiet()
     in_mlflow: list[float] = []
 
     def one_epoch(enabled: bool) -> Callable[[], float]:
@@ -207,7 +189,7 @@ def section_tracking(cfg: DictConfig, data: Dataset, device: torch.device) -> li
                 },
             )
             before, start = mlflow_seconds(), time.perf_counter()
-            with quiet:
+            with _quiet():
                 train(run_cfg)
             if enabled:
                 in_mlflow.append(mlflow_seconds() - before)
@@ -215,7 +197,7 @@ def section_tracking(cfg: DictConfig, data: Dataset, device: torch.device) -> li
 
         return measure
 
-    with quiet:  # the store first, so that the first run's time is the run's alone
+    with _quiet():  # the store first, so that the first run's time is the run's alone
         create_run(f"sqlite:///{store}", cfg.tracking.experiment, "store", {}).end("FINISHED")
     one_epoch(True)()
     first = in_mlflow.pop()  # includes torch.export's one-off set-up, paid once per process
@@ -290,7 +272,7 @@ def probe_first_step(store: str, data_root: str, mark: Callable[[str], None]) ->
         cfg = compose("config", overrides=[f"data.root={data_root}", "hardware=cpu"])
     schema.validate(cfg)
     mark("compose")
-    with _Quiet(), start_run(f"sqlite:///{store}", "startup", None, {}) as run:
+    with _quiet(), start_run(f"sqlite:///{store}", "startup", None, {}) as run:
         run.log_params(train_module.flatten(OmegaConf.to_container(cfg)))
         mark("store+run")
         data = load_dataset(**cfg.data)
@@ -404,18 +386,6 @@ SECTIONS = {
 }
 
 
-class _Quiet:
-    """Silence stdout while a measured run prints its progress."""
-
-    def __enter__(self) -> None:
-        self._stdout = sys.stdout
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-
-    def __exit__(self, *exc: Any) -> None:
-        sys.stdout.close()
-        sys.stdout = self._stdout
-
-
 def run_bench(cfg: DictConfig) -> None:
     """Print the benchmark table for the sections in cfg.bench.sections."""
     schema.validate(cfg)
@@ -424,11 +394,7 @@ def run_bench(cfg: DictConfig) -> None:
         raise CnnlabError(f"bench.sections has {sorted(unknown)}; choose from {list(SECTIONS)}")
     device = setup_hardware(cfg.hardware)
     data = load_dataset(**cfg.data)
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-         if ln.startswith("model name")),
-        platform.processor(),
-    ) if Path("/proc/cpuinfo").exists() else platform.processor()  # fmt: skip
+    cpu = next((p["model name"] for p in cpu_info() if "model name" in p), platform.processor())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     print(f"cnnlab-bench: {where}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
     print(
