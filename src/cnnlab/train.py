@@ -61,7 +61,9 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
     if cfg.train.resume:
         cfg = resumed_config(cfg.train.resume, uri)  # the run's own config, not today's conf/
     schema.validate(cfg)
-    device = setup_hardware(cfg.hardware, cfg.hardware.threads or threads_per_job())
+    # hardware.threads=0 keeps torch's default, which in a joblib launcher's worker is already
+    # cores // parallel jobs: joblib's loky workers start with OMP_NUM_THREADS set to it.
+    device = setup_hardware(cfg.hardware, cfg.hardware.threads)
 
     data = load_dataset(**cfg.data)
     train_split, test_split = data.train.to(device), data.test.to(device)
@@ -241,23 +243,6 @@ def setup_hardware(hardware: DictConfig, threads: int = 0) -> torch.device:
     if hardware.cuda_graphs:
         check_cuda_graphs(device)  # now, not after the data is read and the run created
     return device
-
-
-def threads_per_job() -> int:
-    """Torch threads for a job that shares the machine with parallel jobs (0: no limit).
-
-    Two jobs of the joblib launcher on two cores, each with torch's default of one thread per
-    core, would oversubscribe the CPU; each gets cores // parallel jobs instead.
-    """
-    if not HydraConfig.initialized():
-        return 0
-    launcher = HydraConfig.get().launcher
-    if "joblib" not in str(launcher.get("_target_", "")):
-        return 0
-    cores = os.cpu_count() or 1
-    n_jobs = launcher.get("n_jobs") or -1
-    jobs = n_jobs if n_jobs > 0 else max(cores + 1 + n_jobs, 1)  # joblib's -1 = every core
-    return max(cores // jobs, 1) if jobs > 1 else 0
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
