@@ -30,11 +30,12 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab import CnnlabError, schema
+from cnnlab import CnnlabError, reference, schema
 from cnnlab.data import Dataset, load_dataset
 from cnnlab.loop import train_one_epoch
+from cnnlab.models import ConvNet
 from cnnlab.reference import article_training
-from cnnlab.step import TrainStep
+from cnnlab.step import TrainStep, flat_parameters, optimizer_step
 from cnnlab.train import CONF_DIR, build_model, run_cli, setup_hardware, train
 
 
@@ -169,6 +170,62 @@ def section_article(cfg: DictConfig, data: Dataset, device: torch.device) -> lis
             f"  {'':20s} losses every 500 batches: max |difference| {diff:.2e} "
             f"over {len(seen[name])} values",
         ]
+    return lines
+
+
+def section_step(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
+    """Steps/s of the article's training step as each of cnnlab's fast paths is added, and of
+    torch's own Adam fast paths; for each, whether the weights stay the article's bit for bit.
+
+    Every side trains the article's network with Adam 1e-4 on the same batches from the same
+    seed, in the same plain loop, so only the model and the optimizer differ.
+    """
+    batch, steps = cfg.train.batch_size, cfg.bench.batches
+    images, labels = data.train.images.to(device), data.train.labels.to(device)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0)).to(device)
+    weights: dict[str, list[torch.Tensor]] = {}
+
+    def side(name: str, network: type, flat: bool, adam: dict, lean: bool) -> Callable[[], float]:
+        def measure() -> float:
+            torch.manual_seed(cfg.train.seed)
+            model = network().to(device)
+            params = [flat_parameters(model)] if flat else model.parameters()
+            optimizer = torch.optim.Adam(params, lr=1e-4, **adam)
+            update = optimizer_step(optimizer) if lean else optimizer.step
+            _sync(device)
+            start = time.perf_counter()
+            for i in range(steps):
+                idx = order[(i * batch) % (len(order) - batch + 1) :][:batch]
+                optimizer.zero_grad(set_to_none=not flat)  # flat: grads must stay views
+                F.cross_entropy(model(images[idx]), labels[idx]).backward()
+                update()
+            _sync(device)
+            seconds = time.perf_counter() - start
+            weights[name] = [p.detach().clone() for p in model.parameters()]
+            return steps / seconds
+
+        return measure
+
+    base = "article's step"
+    variants = [  # name, network, flat parameter, Adam's fast-path flags, cnnlab's lean update
+        (base, reference.ConvNet, False, {}, False),
+        ("+ in-place ReLU", ConvNet, False, {}, False),
+        ("+ flat parameter", ConvNet, True, {}, False),
+        ("+ lean Adam (cnnlab)", ConvNet, True, {}, True),
+        ("flat, foreach=True", ConvNet, True, {"foreach": True}, False),
+        ("flat, fused=True", ConvNet, True, {"fused": True}, False),
+    ]
+    rounds = alternate(cfg.bench.rounds, {name: side(name, *how) for name, *how in variants})
+    lines = [f"Training step, article's network and Adam, batch {batch}, {steps} steps, {device}:"]
+    for name, *_ in variants:
+        diff = max(
+            (a - b).abs().max().item() for a, b in zip(weights[name], weights[base], strict=True)
+        )
+        same = "bit-identical" if diff == 0 else f"max |difference| {diff:.1e}"
+        lines.append(
+            f"  {name:22s} {rounds.median(name):7.0f} steps/s  "
+            f"{rounds.ratio(name, base):5.2f}x   weights vs the article's: {same}"
+        )
     return lines
 
 
@@ -378,6 +435,7 @@ def section_sweep(cfg: DictConfig, data: Dataset, device: torch.device) -> list[
 
 SECTIONS = {
     "article": section_article,
+    "step": section_step,
     "tracking": section_tracking,
     "startup": section_startup,
     "batch_sizes": section_batch_sizes,
