@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_parity import ArticleConvNet
 
-from cnnlab import CnnlabError
+from cnnlab import CnnlabError, reference
 from cnnlab.models import MLP, ConvNet
 
 
 def test_convnet_is_the_articles_network():
-    ours, theirs = ConvNet(), ArticleConvNet()
+    ours, theirs = ConvNet(), reference.ConvNet()
     assert [(k, v.shape) for k, v in ours.state_dict().items()] == [
         (k, v.shape) for k, v in theirs.state_dict().items()
     ]
@@ -19,7 +18,7 @@ def test_convnet_is_the_articles_network():
     torch.manual_seed(0)
     ours = ConvNet()
     torch.manual_seed(0)
-    theirs = ArticleConvNet()
+    theirs = reference.ConvNet()
     x = torch.rand(4, 1, 28, 28)
     assert torch.equal(ours(x), theirs(x))  # same seed, same initial weights, same outputs
 

@@ -214,7 +214,9 @@ def test_resume_marks_a_model_left_pending_failed(tiny_overrides, tmp_path, stor
     assert client.get_logged_model(orphan.model_id).status == LoggedModelStatus.FAILED
     assert client.get_run(run_id).info.status == "FINISHED"
     models = client.search_logged_models([run.info.experiment_id])
-    assert sorted(m.status for m in models) == [LoggedModelStatus.FAILED, LoggedModelStatus.READY]
+    assert LoggedModelStatus.PENDING not in {m.status for m in models}
+    latest = client.get_run(run_id).data.tags["cnnlab.model_uri"].removeprefix("models:/")
+    assert client.get_logged_model(latest).status == LoggedModelStatus.READY
 
 
 def test_chdir_jobs_share_the_launch_folders_store_and_data(tiny_data, tmp_path):

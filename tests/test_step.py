@@ -5,11 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from cnnlab import CnnlabError
 from cnnlab.data import Split
 from cnnlab.models import ConvNet
-from cnnlab.step import TrainStep, flat_parameters, rehearsal
+from cnnlab.step import TrainStep, flat_parameters, optimizer_step, rehearsal
 
 OPTIMIZERS = {
     "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
@@ -46,7 +51,7 @@ def fast_training(data: Split, make_optimizer, steps: int = 40, rehearse_at: int
     step = TrainStep(model, optimizer, data, batch_size=10)
     for i in range(steps):
         if i == rehearse_at:
-            with rehearsal(optimizer, step.total):
+            with rehearsal(optimizer, step.loss_sum):
                 for s in (200, 300, 100):
                     step(torch.arange(s, s + 10))
         step(torch.arange(i * 10, i * 10 + 10))
@@ -78,15 +83,62 @@ def test_adam_takes_the_lean_step_after_the_first(data, name):
     assert len(calls) == 1  # torch's step only creates the state
 
 
-def test_lean_step_runs_step_hooks(data):
+@pytest.mark.parametrize(
+    "register",
+    [
+        lambda opt, hook: opt.register_step_pre_hook(hook),
+        lambda opt, hook: opt.register_step_post_hook(hook),
+        # Global hooks live in torch's private registries, which the lean step reads by name:
+        # these two fail if a torch upgrade renames them.
+        lambda opt, hook: register_optimizer_step_pre_hook(hook),
+        lambda opt, hook: register_optimizer_step_post_hook(hook),
+    ],
+    ids=["pre", "post", "global-pre", "global-post"],
+)
+def test_lean_step_runs_step_hooks(data, register):
     model = ConvNet()
     optimizer = OPTIMIZERS["adam"]([flat_parameters(model)])
     hooked: list[int] = []
-    optimizer.register_step_post_hook(lambda *_: hooked.append(1))
-    step = TrainStep(model, optimizer, data, batch_size=10)
-    for i in range(3):
-        step(torch.arange(i * 10, i * 10 + 10))
+    handle = register(optimizer, lambda *_: hooked.append(1))
+    try:
+        step = TrainStep(model, optimizer, data, batch_size=10)
+        for i in range(3):
+            step(torch.arange(i * 10, i * 10 + 10))
+    finally:
+        handle.remove()
     assert len(hooked) == 3
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.Adam(p, lr=1e-3),
+        lambda p: torch.optim.Adam(p, lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, betas=(0.5, 0.9), weight_decay=0.3),
+    ],
+    ids=["adam", "adam-l2", "adamw"],
+)
+def test_lean_adam_is_the_installed_torchs_adam_bit_for_bit(make):
+    # _adam_step copies torch's _single_tensor_adam. If a torch upgrade changes that function's
+    # arithmetic, this fails, instead of cnnlab's results silently drifting from torch's: then
+    # update _adam_step to the new arithmetic, or drop it for optimizer.step.
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(5000, generator=generator)
+    ours, theirs = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    lean, torch_adam = make([ours]), make([theirs])
+    calls = count_torch_steps(lean)
+    lean_step = optimizer_step(lean)
+    for _ in range(30):
+        grad = torch.randn(5000, generator=generator)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        lean_step()
+        torch_adam.step()
+    assert len(calls) == 1, "the lean step did not run: the test would compare torch with itself"
+    assert torch.equal(ours, theirs), (
+        f"torch {torch.__version__}'s Adam no longer matches cnnlab.step._adam_step bit for bit"
+    )
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(lean.state[ours][key], torch_adam.state[theirs][key]), key
 
 
 def test_lean_step_honours_flags_set_after_it_was_built(data):
@@ -137,7 +189,7 @@ def test_lean_adam_state_is_torchs(data):
 def test_rehearsed_steps_leave_no_trace(data, name, rehearse_at):
     model, optimizer, step = fast_training(data, OPTIMIZERS[name], rehearse_at=rehearse_at)
     ref_model, ref_optimizer, ref_step = fast_training(data, OPTIMIZERS[name])
-    assert torch.equal(step.total, ref_step.total)
+    assert torch.equal(step.loss_sum, ref_step.loss_sum)
     for ours, theirs in zip(model.parameters(), ref_model.parameters(), strict=True):
         assert torch.equal(ours, theirs)
     for key, value in ref_optimizer.state_dict()["state"][0].items():
@@ -175,8 +227,8 @@ def test_cuda_graph_trains_like_the_eager_step(data):
         for _ in range(2):  # two epochs: the graph is replayed across them
             for start in range(0, 95, 10):
                 step(torch.arange(start, min(start + 10, 95), device="cuda"))
-                out.append(step.total.item())
-                step.total.zero_()
+                out.append(step.loss_sum.item())
+                step.loss_sum.zero_()
         return out
 
     eager, graphed = losses(False), losses(True)

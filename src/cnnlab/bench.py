@@ -11,15 +11,21 @@ one worker, Adam, a .item() per step.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import platform
+import select
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,50 +35,18 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab import CnnlabError, schema
+from cnnlab import CnnlabError, reference, schema
+from cnnlab import train as train_module
+from cnnlab.cli import CONF_DIR, compose_config, run_cli
 from cnnlab.data import Dataset, load_dataset
+from cnnlab.hardware import setup_hardware
 from cnnlab.loop import train_one_epoch
 from cnnlab.models import ConvNet
-from cnnlab.step import TrainStep
-from cnnlab.train import CONF_DIR, build_model, run_cli, setup_hardware, train
-
-
-def article_training(
-    root: Path, batches: int, log_every: int, device: torch.device
-) -> tuple[list[float], float]:
-    """The article's __main__ loop for `batches` mini-batches (across epochs): (losses, seconds).
-
-    The reference the article-parity test and the benchmark compare cnnlab against.
-    """
-    try:
-        from torchvision import transforms
-        from torchvision.datasets import MNIST
-    except ImportError as exc:
-        raise CnnlabError("the article's loop needs torchvision: pip install torchvision") from exc
-    torch.manual_seed(42)
-    dataset = MNIST(str(root), download=False, transform=transforms.ToTensor())
-    start = time.perf_counter()  # from here on, as cnnlab's side: data already in memory
-    trainloader = torch.utils.data.DataLoader(dataset, batch_size=10, shuffle=True, num_workers=1)
-    convnet = ConvNet().to(device)  # the article's layers, in its order (tests/test_models.py)
-    loss_function = torch.nn.CrossEntropyLoss()
-    optimizer = torch.optim.Adam(convnet.parameters(), lr=1e-4)
-    losses, done = [], 0
-    while done < batches:  # the article's `for epoch in range(0, 5)`, cut at `batches`
-        current_loss = 0.0
-        for i, (inputs, targets) in enumerate(trainloader):
-            inputs, targets = inputs.to(device), targets.to(device)
-            optimizer.zero_grad()
-            loss = loss_function(convnet(inputs), targets)
-            loss.backward()
-            optimizer.step()
-            current_loss += loss.item()
-            if i % log_every == log_every - 1:
-                losses.append(current_loss / log_every)
-                current_loss = 0.0
-            done += 1
-            if done == batches:
-                break
-    return losses, time.perf_counter() - start
+from cnnlab.provenance import flatten
+from cnnlab.reference import article_training
+from cnnlab.step import TrainStep, flat_parameters, optimizer_step
+from cnnlab.tracking import Tracker, check_reachable, closing_run, create_run
+from cnnlab.train import build_model, train
 
 
 def cnnlab_training(
@@ -98,6 +72,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _quiet() -> contextlib.AbstractContextManager:
+    """Silence stdout while a measured run prints its progress."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
 def flops_per_sample(cfg: DictConfig, in_shape: tuple[int, ...], num_classes: int) -> float:
     """Forward + backward FLOPs of one training sample, counted by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -109,12 +88,27 @@ def flops_per_sample(cfg: DictConfig, in_shape: tuple[int, ...], num_classes: in
     return counter.get_total_flops() / 8
 
 
+def cpu_info() -> list[dict[str, str]]:
+    """/proc/cpuinfo as one {field: value} per logical processor; [] where there is none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    return [
+        {
+            key.strip(): value.strip()
+            for key, _, value in (ln.partition(":") for ln in block.splitlines())
+        }
+        for block in text.strip().split("\n\n")
+    ]
+
+
 def cpu_peak_flops() -> tuple[float, str]:
     """This CPU's fp32 peak: cores x 2 FMA units x SIMD lanes x 2 FLOPs x clock."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
-    lanes = 16 if " avx512f" in flags else 8 if " avx2" in flags else 4
-    mhz = [float(ln.split(":")[1]) for ln in info.splitlines() if ln.startswith("cpu MHz")]
+    processors = cpu_info()
+    flags = processors[0].get("flags", "").split() if processors else []
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    mhz = [float(p["cpu MHz"]) for p in processors if "cpu MHz" in p]
     ghz = (max(mhz) if mhz else 2000.0) / 1000
     cores = os.cpu_count() or 1
     peak = cores * 2 * lanes * 2 * ghz * 1e9
@@ -189,49 +183,222 @@ def section_article(cfg: DictConfig, data: Dataset, device: torch.device) -> lis
     return lines
 
 
+def section_step(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
+    """Steps/s of the article's training step as each of cnnlab's fast paths is added, and of
+    torch's own Adam fast paths; for each, whether the weights stay the article's bit for bit.
+
+    Every side trains the article's network with Adam 1e-4 on the same batches from the same
+    seed, in the same plain loop, so only the model and the optimizer differ.
+    """
+    batch, steps = cfg.train.batch_size, cfg.bench.batches
+    images, labels = data.train.images.to(device), data.train.labels.to(device)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0)).to(device)
+    weights: dict[str, list[torch.Tensor]] = {}
+
+    def side(name: str, network: type, flat: bool, adam: dict, lean: bool) -> Callable[[], float]:
+        def measure() -> float:
+            torch.manual_seed(cfg.train.seed)
+            model = network().to(device)
+            params = [flat_parameters(model)] if flat else model.parameters()
+            optimizer = torch.optim.Adam(params, lr=1e-4, **adam)
+            update = optimizer_step(optimizer) if lean else optimizer.step
+            _sync(device)
+            start = time.perf_counter()
+            for i in range(steps):
+                idx = order[(i * batch) % (len(order) - batch + 1) :][:batch]
+                optimizer.zero_grad(set_to_none=not flat)  # flat: grads must stay views
+                F.cross_entropy(model(images[idx]), labels[idx]).backward()
+                update()
+            _sync(device)
+            seconds = time.perf_counter() - start
+            weights[name] = [p.detach().clone() for p in model.parameters()]
+            return steps / seconds
+
+        return measure
+
+    base = "article's step"
+    variants = [  # name, network, flat parameter, Adam's fast-path flags, cnnlab's lean update
+        (base, reference.ConvNet, False, {}, False),
+        ("+ in-place ReLU", ConvNet, False, {}, False),
+        ("+ flat parameter", ConvNet, True, {}, False),
+        ("+ lean Adam (cnnlab)", ConvNet, True, {}, True),
+        ("flat, foreach=True", ConvNet, True, {"foreach": True}, False),
+        ("flat, fused=True", ConvNet, True, {"fused": True}, False),
+    ]
+    rounds = alternate(cfg.bench.rounds, {name: side(name, *how) for name, *how in variants})
+    lines = [f"Training step, article's network and Adam, batch {batch}, {steps} steps, {device}:"]
+    for name, *_ in variants:
+        diff = max(
+            (a - b).abs().max().item() for a, b in zip(weights[name], weights[base], strict=True)
+        )
+        same = "bit-identical" if diff == 0 else f"max |difference| {diff:.1e}"
+        lines.append(
+            f"  {name:22s} {rounds.median(name):7.0f} steps/s  "
+            f"{rounds.ratio(name, base):5.2f}x   weights vs the article's: {same}"
+        )
+    return lines
+
+
 def section_tracking(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
-    """Wall time of a 1-epoch run with MLflow logging on and off, and the time inside MLflow."""
-    from cnnlab.tracking import create_run, mlflow_seconds
+    """Wall time of a 1-epoch run with MLflow logging on and off; how long the training thread
+    waits on logging, against a local store and against a tracking server that answers each
+    request in 200 ms."""
+    folder = Path(tempfile.mkdtemp(prefix="cnnlab-bench-"))
+    local = f"sqlite:///{folder / 'mlflow.db'}"
+    waits: list[dict[str, float]] = []
 
-    store = Path(tempfile.mkdtemp(prefix="cnnlab-bench-")) / "mlflow.db"
-    quiet = _Quiet()
-    in_mlflow: list[float] = []
-
-    def one_epoch(enabled: bool) -> Callable[[], float]:
+    def one_epoch(enabled: bool, uri: str = local) -> Callable[[], float]:
         def measure() -> float:
             run_cfg = OmegaConf.merge(
                 cfg,
                 {
                     "train": {"epochs": 1},
-                    "tracking": {"enabled": enabled, "uri": f"sqlite:///{store}"},
+                    "tracking": {
+                        "enabled": enabled, "uri": uri, "pending_dir": str(folder / "pending"),
+                    },
                 },
-            )
-            before, start = mlflow_seconds(), time.perf_counter()
-            with quiet:
+            )  # fmt: skip
+            start = time.perf_counter()
+            with _quiet(), time_on_training_thread() as spent:
                 train(run_cfg)
             if enabled:
-                in_mlflow.append(mlflow_seconds() - before)
+                waits.append(spent)
             return time.perf_counter() - start
 
         return measure
 
-    with quiet:  # the store first, so that the first run's time is the run's alone
-        create_run(f"sqlite:///{store}", cfg.tracking.experiment, "store", {}).end("FINISHED")
+    with _quiet():  # the store first: no run pays its creation
+        create_run(local, cfg.tracking.experiment, "store", {}, folder / "pending").end("FINISHED")
     one_epoch(True)()
-    first = in_mlflow.pop()  # includes torch.export's one-off set-up, paid once per process
+    first = waits.pop()  # includes torch.export's one-off set-up, paid once per process
     seconds = alternate(cfg.bench.rounds, {"on": one_epoch(True), "off": one_epoch(False)})
-    # On a noisy machine the on/off difference of two ~15 s runs is mostly noise; the time spent
-    # inside MLflow calls is timed directly, so the noise only scales it, never swamps it.
-    spent = statistics.median(in_mlflow)
+    steady = {k: statistics.median(w[k] for w in waits) for k in waits[0]}
+    waits.clear()
+    with slow_tracking_server(folder / "server", delay=0.2) as slow_uri:
+        slow_seconds = one_epoch(True, slow_uri)()
+    slow = waits.pop()
+    off = seconds.median("off")
+    in_loop = "log_metrics + log_checkpoint"
+    batches = len(data.train) // cfg.train.batch_size
     return [
-        f"MLflow logging, 1-epoch run (params, {60000 // 10 // 500} losses, test metrics, model):",
-        f"  tracking off {seconds.median('off'):7.2f} s",
+        f"MLflow logging, 1-epoch run (params, {batches // cfg.train.log_every} losses, test "
+        "metrics, checkpoint, model):",
+        f"  tracking off {off:7.2f} s",
         f"  tracking on  {seconds.median('on'):7.2f} s   "
         f"overhead {seconds.ratio('on', 'off') - 1:+.1%} (on vs off)",
-        f"  inside MLflow calls {spent:.2f} s = {spent / seconds.median('off'):.1%} of the run",
-        f"  inside MLflow calls in a process's first run {first:.2f} s = "
-        f"{first / seconds.median('off'):.1%} (the model's first torch.export)",
+        "  time the training thread spent in logging calls (local SQLite store, steady state):",
+        f"    in the epoch loop ({in_loop}) {steady['loop']:.3f} s = {steady['loop'] / off:.2%}"
+        f" of the run; max {steady['loop_max'] * 1000:.1f} ms for one call",
+        f"    run start + params {steady['start']:.2f} s, model export {steady['model']:.2f} s, "
+        f"end (wait for delivery) {steady['end']:.2f} s; total {steady['total']:.2f} s = "
+        f"{steady['total'] / off:.1%}",
+        f"    a process's first run: total {first['total']:.2f} s = {first['total'] / off:.1%}"
+        " (the model's first torch.export)",
+        "  the same run against an mlflow server on loopback answering each request in 200 ms:",
+        f"    in the epoch loop ({in_loop}) {slow['loop']:.3f} s; max "
+        f"{slow['loop_max'] * 1000:.1f} ms for one call (a blocking call would wait >= 200 ms)",
+        f"    end (wait for delivery) {slow['end']:.2f} s; whole run {slow_seconds:.2f} s",
     ]
+
+
+@contextlib.contextmanager
+def time_on_training_thread() -> Iterator[dict[str, float]]:
+    """Seconds the caller's thread spends in cnnlab's logging calls while inside, by kind.
+
+    Wraps the Tracker's methods for the duration (the benchmark's own instrument: training code
+    keeps no clocks): `loop` is what the epoch loop calls, `loop_max` its slowest call.
+    """
+    spent = {"start": 0.0, "loop": 0.0, "loop_max": 0.0, "model": 0.0, "end": 0.0}
+    kinds = {
+        "log_metrics": "loop", "log_checkpoint": "loop", "log_model": "model", "end": "end",
+        "log_params": "start", "log_dict": "start", "log_artifacts": "start",
+    }  # fmt: skip
+    originals = {name: getattr(Tracker, name) for name in kinds}
+    original_create = train_module.create_run
+
+    def timed(fn: Callable[..., Any], kind: str) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                took = time.perf_counter() - start
+                spent[kind] += took
+                if kind == "loop":
+                    spent["loop_max"] = max(spent["loop_max"], took)
+
+        return wrapper
+
+    for name, kind in kinds.items():
+        setattr(Tracker, name, timed(originals[name], kind))
+    train_module.create_run = timed(original_create, "start")
+    try:
+        yield spent
+    finally:
+        for name, fn in originals.items():
+            setattr(Tracker, name, fn)
+        train_module.create_run = original_create
+        spent["total"] = spent["start"] + spent["loop"] + spent["model"] + spent["end"]
+
+
+@contextlib.contextmanager
+def slow_tracking_server(folder: Path, delay: float) -> Iterator[str]:
+    """An `mlflow server` on loopback behind a proxy that holds every request `delay` seconds."""
+    folder.mkdir(parents=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "artifacts")],
+        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    proxy = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=_delaying_proxy, args=(proxy, port, delay), daemon=True).start()
+    uri = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                check_reachable(uri, timeout=2)
+                break
+            except CnnlabError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise CnnlabError("the benchmark's mlflow server did not start") from None
+                time.sleep(0.5)
+        yield uri
+    finally:
+        proxy.close()
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker
+        server.wait(timeout=60)
+
+
+def _delaying_proxy(listener: socket.socket, port: int, delay: float) -> None:
+    # Each connection relayed both ways; a chunk that starts an HTTP request waits `delay` first.
+    def relay(client: socket.socket) -> None:
+        with client, socket.create_connection(("127.0.0.1", port)) as upstream:
+            while True:
+                readable, _, _ = select.select([client, upstream], [], [], 30)
+                if not readable:
+                    return
+                for sock in readable:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return
+                    if sock is client:
+                        if chunk.split(b" ", 1)[0] in (b"GET", b"POST", b"PUT", b"DELETE"):
+                            time.sleep(delay)
+                        upstream.sendall(chunk)
+                    else:
+                        client.sendall(chunk)
+
+    while True:
+        try:
+            client, _ = listener.accept()
+        except OSError:
+            return
+        threading.Thread(target=relay, args=(client,), daemon=True).start()
 
 
 _BIG_IMPORTS = ("import torch", "import torchvision", "import mlflow")
@@ -281,17 +448,12 @@ print(json.dumps(marks))
 
 def probe_first_step(store: str, data_root: str, mark: Callable[[str], None]) -> None:
     """cnnlab-train's start-up, phase by phase, up to the end of the first training step."""
-    from hydra import compose, initialize_config_dir
 
-    from cnnlab import train as train_module
-    from cnnlab.tracking import start_run
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"data.root={data_root}", "hardware=cpu"])
-    schema.validate(cfg)
+    cfg = compose_config([f"data.root={data_root}", "hardware=cpu"])
     mark("compose")
-    with _Quiet(), start_run(f"sqlite:///{store}", "startup", None, {}) as run:
-        run.log_params(train_module.flatten(OmegaConf.to_container(cfg)))
+    spool = Path(store).parent / "pending"
+    with _quiet(), closing_run(create_run(f"sqlite:///{store}", "startup", None, {}, spool)) as run:
+        run.log_params(flatten(OmegaConf.to_container(cfg)))
         mark("store+run")
         data = load_dataset(**cfg.data)
         mark("data")
@@ -396,24 +558,13 @@ def section_sweep(cfg: DictConfig, data: Dataset, device: torch.device) -> list[
 
 SECTIONS = {
     "article": section_article,
+    "step": section_step,
     "tracking": section_tracking,
     "startup": section_startup,
     "batch_sizes": section_batch_sizes,
     "parallel": section_parallel,
     "sweep": section_sweep,
 }
-
-
-class _Quiet:
-    """Silence stdout while a measured run prints its progress."""
-
-    def __enter__(self) -> None:
-        self._stdout = sys.stdout
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-
-    def __exit__(self, *exc: Any) -> None:
-        sys.stdout.close()
-        sys.stdout = self._stdout
 
 
 def run_bench(cfg: DictConfig) -> None:
@@ -424,11 +575,7 @@ def run_bench(cfg: DictConfig) -> None:
         raise CnnlabError(f"bench.sections has {sorted(unknown)}; choose from {list(SECTIONS)}")
     device = setup_hardware(cfg.hardware)
     data = load_dataset(**cfg.data)
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-         if ln.startswith("model name")),
-        platform.processor(),
-    ) if Path("/proc/cpuinfo").exists() else platform.processor()  # fmt: skip
+    cpu = next((p["model name"] for p in cpu_info() if "model name" in p), platform.processor())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     print(f"cnnlab-bench: {where}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
     print(

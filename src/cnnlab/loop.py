@@ -64,10 +64,10 @@ def train_one_epoch(
     step.model.train()
     n = len(step.data)
     epoch_rng = torch.get_rng_state()
-    order = epoch_order(n).to(step.total.device)
+    order = epoch_order(n).to(step.loss_sum.device)
     # float64, like the article's Python float sum; summed on the device (see TrainStep).
-    total = step.total
-    total.fill_(running)
+    loss_sum = step.loss_sum
+    loss_sum.fill_(running)
     batch_size = step.batch_size
     starts = range(0, n, batch_size)
     batches = tqdm(
@@ -77,11 +77,11 @@ def train_one_epoch(
     for i, start in enumerate(batches, start=start_batch):
         step(order[start : start + batch_size])
         if (i + 1) % log_every == 0:
-            yield i + 1, _finite(total.item() / log_every, i + 1)
-            total.zero_()
+            yield i + 1, _finite(loss_sum.item() / log_every, i + 1)
+            loss_sum.zero_()
         if stop() and i + 1 < len(starts):
-            raise TrainingInterrupted(i + 1, total.item(), epoch_rng)
-    _finite(total.item(), len(starts))  # a NaN after the last logged window still fails
+            raise TrainingInterrupted(i + 1, loss_sum.item(), epoch_rng)
+    _finite(loss_sum.item(), len(starts))  # a NaN after the last logged window still fails
 
 
 def _finite(loss: float, batch: int) -> float:

