@@ -15,8 +15,6 @@ from mlflow.tracking import MlflowClient
 from cnnlab.tracking import load_model
 from helpers import Proxy, Running, Store, cnnlab, file_size_limit
 
-pytestmark = pytest.mark.slow
-
 LOSS = re.compile(r"Loss after mini-batch\s+(\d+): ([\d.]+)")
 
 
@@ -67,6 +65,7 @@ def assert_complete(client: MlflowClient, run_id: str, training: Running, epochs
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 
+@pytest.mark.server
 def test_a_server_killed_mid_run_and_back_before_the_end_gets_everything(
     tiny_overrides, tmp_path, server
 ):
@@ -89,6 +88,7 @@ def test_a_server_killed_mid_run_and_back_before_the_end_gets_everything(
     assert not (tmp_path / "cnnlab-pending").exists()  # delivered: nothing left behind
 
 
+@pytest.mark.server
 def test_a_server_gone_until_the_end_keeps_the_logs_for_cnnlab_sync(
     tiny_overrides, tmp_path, server
 ):
@@ -121,6 +121,7 @@ def test_a_server_gone_until_the_end_keeps_the_logs_for_cnnlab_sync(
     assert not pending.exists()
 
 
+@pytest.mark.server
 def test_a_hanging_server_never_stalls_training(tiny_overrides, tmp_path, server):
     server, experiment = server
     proxy = Proxy(server.port)
@@ -145,6 +146,7 @@ def test_a_hanging_server_never_stalls_training(tiny_overrides, tmp_path, server
     proxy.close()
 
 
+@pytest.mark.server
 def test_a_password_in_the_tracking_uri_is_used_and_never_written(tiny_overrides, tmp_path, server):
     server, experiment = server
     secret = "s3cret-Pa55"

@@ -76,6 +76,9 @@ def run_cli(prog: str, hydra_task: Callable[[], Any]) -> None:
     # Hydra would print its own multi-line report; let errors reach us to print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     sys.argv[1:] = hide_credentials(sys.argv[1:])
+    modes = {"-m", "--multirun", "-c", "--cfg", "-i", "--info", "-r", "--run"} & set(sys.argv)
+    if len(modes) > 1:  # Hydra would raise a ValueError with a traceback
+        sys.exit(f"{prog}: error: {' and '.join(sorted(modes))} can't be combined; give one")
     try:
         hydra_task()
         sweep.end_open_parent("FAILED")  # only if the sweep ended without its summary
