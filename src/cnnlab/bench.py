@@ -377,21 +377,22 @@ def slow_tracking_server(folder: Path, delay: float) -> Iterator[str]:
 def _delaying_proxy(listener: socket.socket, port: int, delay: float) -> None:
     # Each connection relayed both ways; a chunk that starts an HTTP request waits `delay` first.
     def relay(client: socket.socket) -> None:
-        with client, socket.create_connection(("127.0.0.1", port)) as upstream:
-            while True:
-                readable, _, _ = select.select([client, upstream], [], [], 30)
-                if not readable:
-                    return
-                for sock in readable:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        return
-                    if sock is client:
+        try:
+            with client, socket.create_connection(("127.0.0.1", port)) as upstream:
+                while True:
+                    readable, _, _ = select.select([client, upstream], [], [], 30)
+                    chunks = [(sock, sock.recv(65536)) for sock in readable]
+                    if not chunks or not all(chunk for _, chunk in chunks):
+                        return  # idle, or one side closed
+                    for sock, chunk in chunks:
+                        if sock is upstream:
+                            client.sendall(chunk)
+                            continue
                         if chunk.split(b" ", 1)[0] in (b"GET", b"POST", b"PUT", b"DELETE"):
                             time.sleep(delay)
                         upstream.sendall(chunk)
-                    else:
-                        client.sendall(chunk)
+        except OSError:
+            client.close()  # the server is not up yet, or went away: the client sees a reset
 
     while True:
         try:
