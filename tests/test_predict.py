@@ -16,8 +16,9 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from cnnlab import CnnlabError
 from cnnlab.models import ConvNet
-from cnnlab.tracking import TrackingError, load_model
+from cnnlab.tracking import load_model
 from helpers import cnnlab, data_overrides, synthetic_split, train_in_process
 
 
@@ -91,7 +92,7 @@ def test_a_pickled_model_is_refused_with_one_line_and_never_unpickled(logged, tm
 
 
 def test_trust_store_loads_a_benign_pickled_model(logged):
-    with pytest.raises(TrackingError, match="stored as a pickle"):
+    with pytest.raises(CnnlabError, match="stored as a pickle"):
         load_model(logged["benign"], logged["uri"])
     model = load_model(logged["benign"], logged["uri"], trust_store=True)
     assert model.in_shape == (1, 28, 28)

@@ -24,6 +24,14 @@ def train_args(tiny_overrides: list[str], uri: str, *extra: str) -> list[str]:
     return [*args, f"tracking.uri={uri}", *extra]
 
 
+def training_against(
+    tiny_overrides: list[str], cwd: Path, uri: str, experiment: str, *extra: str
+) -> Running:
+    """A tiny run in the background against `uri`, with short timeouts for a failing server."""
+    args = train_args(tiny_overrides, uri, experiment, "tracking.request_timeout=2", *extra)
+    return Running(args, cwd)
+
+
 @pytest.fixture
 def server(mlflow_server, request):
     """The session's server, running again after the test whatever the test did to it; and an
@@ -70,10 +78,9 @@ def test_a_server_killed_mid_run_and_back_before_the_end_gets_everything(
     tiny_overrides, tmp_path, server
 ):
     server, experiment = server
-    training = Running(
-        train_args(tiny_overrides, server.url, experiment, "train.epochs=4", "train.log_every=5",
-                   "tracking.flush_timeout=180", "tracking.request_timeout=2"),
-        tmp_path,
+    training = training_against(
+        tiny_overrides, tmp_path, server.url, experiment, "train.epochs=4", "train.log_every=5",
+        "tracking.flush_timeout=180",
     )  # fmt: skip
     training.wait_for("Starting epoch 1")  # the run and its params are in the store
     server.kill()
@@ -93,10 +100,9 @@ def test_a_server_gone_until_the_end_keeps_the_logs_for_cnnlab_sync(
     tiny_overrides, tmp_path, server
 ):
     server, experiment = server
-    training = Running(
-        train_args(tiny_overrides, server.url, experiment, "train.epochs=3", "train.log_every=5",
-                   "tracking.flush_timeout=3", "tracking.request_timeout=2"),
-        tmp_path,
+    training = training_against(
+        tiny_overrides, tmp_path, server.url, experiment, "train.epochs=3", "train.log_every=5",
+        "tracking.flush_timeout=3",
     )  # fmt: skip
     line = training.wait_for("MLflow run ")
     run_id = re.search(r"\(([0-9a-f]{32})\)", line)[1]
@@ -126,10 +132,9 @@ def test_a_hanging_server_never_stalls_training(tiny_overrides, tmp_path, server
     server, experiment = server
     proxy = Proxy(server.port)
     url = f"http://127.0.0.1:{proxy.port}"
-    training = Running(
-        train_args(tiny_overrides, url, experiment, "train.epochs=3", "train.log_every=1",
-                   "tracking.flush_timeout=3", "tracking.request_timeout=2"),
-        tmp_path,
+    training = training_against(
+        tiny_overrides, tmp_path, url, experiment, "train.epochs=3", "train.log_every=1",
+        "tracking.flush_timeout=3",
     )  # fmt: skip
     training.wait_for("Starting epoch 1")
     proxy.hang.set()  # /health would still have answered; now nothing does

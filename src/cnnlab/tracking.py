@@ -9,7 +9,6 @@ background thread, so a slow or lost tracking server never stalls training and l
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import errno
 import itertools
@@ -25,7 +24,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
@@ -40,10 +38,8 @@ from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param,
 from mlflow.models import Model, infer_signature
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from cnnlab import CnnlabError, interrupts, models, schema
+from cnnlab import CnnlabError, exported, interrupts
 
 # MLflow draws a progress bar for every artifact download; cnnlab's output stays readable.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -189,7 +185,7 @@ class Journal:
         if done:
             self._thread.join(timeout=5)
             shutil.rmtree(self.folder, ignore_errors=True)
-            with contextlib.suppress(OSError):
+            with suppress(OSError):
                 self.folder.parent.rmdir()  # the pending folder itself, once empty
         return done
 
@@ -323,7 +319,7 @@ def sync(folder: Path) -> tuple[str, str, int]:
         ops, delivered, sent = ops[done:], delivered + done, sent + done
         _write_delivered(folder, delivered)
     shutil.rmtree(folder, ignore_errors=True)
-    with contextlib.suppress(OSError):
+    with suppress(OSError):
         folder.parent.rmdir()
     return meta["uri"], meta["run_id"], sent
 
@@ -584,12 +580,6 @@ class LoadedModel(torch.nn.Module):
         return self.network(x)
 
 
-TRUST_STORE_HINT = "pass --trust-store if you trust the store that wrote it"
-
-# torch.export's ScalarType numbers (torch/_export/serde/schema.py): part of its archive format.
-_EXPORT_DTYPES = {6: torch.float16, 7: torch.float32, 8: torch.float64, 13: torch.bfloat16}
-
-
 def load_model(model_ref: str, tracking_uri: str, trust_store: bool = False) -> LoadedModel:
     """Load a logged model back as a CPU module: a models:/ or runs:/ URI, or a run id.
 
@@ -611,132 +601,29 @@ def load_model(model_ref: str, tracking_uri: str, trust_store: bool = False) -> 
             mlmodel = yaml.safe_load((local / "MLmodel").read_text())
         except (mlflow.exceptions.MlflowException, OSError, yaml.YAMLError) as exc:
             raise TrackingError(
-                f"cannot load model {model_uri} from {tracking_uri}: {_first_line(exc)}"
+                f"cannot load model {model_uri} from {tracking_uri}: {exported.first_line(exc)}"
             ) from exc
         if not isinstance(mlmodel, dict):
             raise TrackingError(f"model {model_uri} has no readable MLmodel file")
         # Checked before anything else is read: a refused model costs nothing more.
-        archive = None if trust_store else _exported_archive(local, mlmodel, model_uri)
-        in_shape, num_classes = _signature_shapes(mlmodel, model_uri)
+        archive = None if trust_store else exported.archive(local, mlmodel, model_uri)
+        in_shape, num_classes = exported.signature_shapes(mlmodel, model_uri)
         if archive is None:
             try:
                 network = mlflow.pytorch.load_model(str(local), map_location="cpu")
             except Exception as exc:  # whatever a foreign model raises: one line, not a traceback
-                raise TrackingError(f"cannot load model {model_uri}: {_first_line(exc)}") from exc
+                reason = exported.first_line(exc)
+                raise TrackingError(f"cannot load model {model_uri}: {reason}") from exc
         else:
             try:
                 config = run_config(tracking_uri, str(run_id or mlmodel.get("run_id")))
             except TrackingError as exc:
                 raise TrackingError(
                     f"model {model_uri} is rebuilt from its run's logged config: {exc}; "
-                    f"{TRUST_STORE_HINT}"
+                    f"{exported.TRUST_STORE_HINT}"
                 ) from exc
-            network = _rebuilt_network(config, in_shape, num_classes, archive, model_uri)
+            network = exported.rebuilt_network(config, in_shape, num_classes, archive, model_uri)
     return LoadedModel(network, in_shape)
-
-
-def _first_line(exc: BaseException) -> str:
-    # An exception as one line: its class and the first line of its message.
-    text = str(exc).strip()
-    return f"{exc.__class__.__name__}: {text.splitlines()[0]}" if text else exc.__class__.__name__
-
-
-def _signature_shapes(mlmodel: dict[str, Any], model_uri: str) -> tuple[tuple[int, ...], int]:
-    # (C, H, W) of one image and the number of classes, from the signature's tensor specs
-    # (inputs (-1, C, H, W), outputs (-1, classes)).
-    try:
-        inputs, outputs = (
-            json.loads(mlmodel["signature"][side])[0]["tensor-spec"]["shape"]
-            for side in ("inputs", "outputs")
-        )
-        in_shape, num_classes = tuple(inputs[1:]), outputs[-1]
-        if all(isinstance(n, int) and n > 0 for n in (*in_shape, num_classes)):
-            return in_shape, num_classes
-    except (KeyError, IndexError, TypeError, ValueError):
-        pass
-    raise TrackingError(
-        f"model {model_uri} has no tensor signature (-1, C, H, W) -> (-1, classes) in its MLmodel"
-    )
-
-
-def _exported_archive(local: Path, mlmodel: dict[str, Any], model_uri: str) -> Path:
-    # The model's pt2 archive, or a one-line refusal for a format that runs code when loaded.
-    flavors = mlmodel.get("flavors")
-    flavor = flavors.get("pytorch") if isinstance(flavors, dict) else None
-    if not isinstance(flavor, dict) or not isinstance(flavor.get("model_data"), str):
-        raise TrackingError(f"model {model_uri} is not an MLflow PyTorch model")
-    data = (local / flavor["model_data"]).resolve()
-    if not data.is_relative_to(local.resolve()):
-        raise TrackingError(f"model {model_uri} points outside itself (model_data); not loaded")
-    archive = data / "model.pt2"
-    if data.is_file() or (data / "model.pth").exists():
-        raise TrackingError(
-            f"model {model_uri} is stored as a pickle (torch.save), which can run code when "
-            f"loaded; {TRUST_STORE_HINT}"
-        )
-    if not archive.is_file():
-        raise TrackingError(f"model {model_uri} has no {flavor['model_data']}/model.pt2 to load")
-    return archive
-
-
-def _rebuilt_network(
-    config: dict[str, Any],
-    in_shape: tuple[int, ...],
-    num_classes: int,
-    archive: Path,
-    model_uri: str,
-) -> torch.nn.Module:
-    # The logged config's model, built without memory (meta), then given the archive's weights.
-    classes = {"cnnlab.models.ConvNet": models.ConvNet, "cnnlab.models.MLP": models.MLP}
-    try:
-        cfg = schema.typed_config(config)  # typed keys; an unknown _target_ is an error
-        schema.validate(cfg)
-        kwargs = OmegaConf.to_container(cfg.model)
-        cls = classes[kwargs.pop("_target_")]
-        with torch.device("meta"):
-            network = cls(in_shape=in_shape, num_classes=num_classes, **kwargs)
-        network.load_state_dict(_exported_weights(archive), strict=True, assign=True)
-    except (
-        CnnlabError, OmegaConfBaseException, AttributeError, KeyError, TypeError, ValueError,
-        RuntimeError, zipfile.BadZipFile,
-    ) as exc:  # fmt: skip
-        # load_state_dict's first line is a heading; the mismatch itself is on the second.
-        reason = "; ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
-        raise TrackingError(
-            f"model {model_uri}: cannot rebuild it from its run's config and model.pt2 "
-            f"({exc.__class__.__name__}: {reason}); {TRUST_STORE_HINT}"
-        ) from exc
-    return network.eval()
-
-
-def _exported_weights(path: Path) -> dict[str, torch.Tensor]:
-    # The parameters of a torch.export archive as raw tensors. torch.export.load would also
-    # unpickle records and eval() the graph's shape expressions (sympy), so it is never called.
-    with zipfile.ZipFile(path) as archive:
-        [config_name] = [
-            n for n in archive.namelist() if n.endswith("/data/weights/model_weights_config.json")
-        ]
-        root = config_name.removesuffix("data/weights/model_weights_config.json")
-        if archive.read(f"{root}byteorder").decode() != sys.byteorder:
-            raise ValueError("the weights were written with another byte order")
-        weights = {}
-        for name, entry in json.loads(archive.read(config_name))["config"].items():
-            if entry["use_pickle"] is not False:
-                raise ValueError(f"weight {name} is pickled")
-            meta = entry["tensor_meta"]
-            record = archive.getinfo(f"{root}data/weights/{entry['path_name']}")
-            if record.compress_type != zipfile.ZIP_STORED:  # no inflating: memory <= file size
-                raise ValueError(f"weight {name} is compressed")
-            flat = torch.frombuffer(
-                bytearray(archive.read(record)), dtype=_EXPORT_DTYPES[meta["dtype"]]
-            )
-            weights[name] = torch.as_strided(
-                flat,
-                [d["as_int"] for d in meta["sizes"]],
-                [d["as_int"] for d in meta["strides"]],
-                meta["storage_offset"]["as_int"],
-            )
-    return weights
 
 
 def find_runs(uri: str, experiment: str, tag: str, value: str) -> list[str]:
