@@ -120,7 +120,7 @@ def command(
     parser = _Parser(
         prog=prog,
         description=summary,
-        epilog=details.strip(),
+        epilog=details.strip("\n"),  # keeps the examples' indentation
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)

@@ -11,35 +11,40 @@ Credentials come from MLFLOW_TRACKING_USERNAME/PASSWORD, as for cnnlab-train.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 from cnnlab import CnnlabError
+from cnnlab.cli import command, launch_dir
 from cnnlab.tracking import sync
 
 
-def main() -> None:
-    """Console entry point of cnnlab-sync."""
-    args = sys.argv[1:]
-    if args and args[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        sys.exit(0)
-    folders = [Path(a) for a in args] or sorted(
-        p for p in Path("cnnlab-pending").glob("*") if (p / "journal.jsonl").is_file()
-    )
+def sync_folders(folders: list[Path]) -> int:
+    """Deliver each folder's pending logs; return how many could not be delivered."""
     if not folders:
-        sys.exit("cnnlab-sync: error: no pending logs here; give the folder a run named")
+        pending = launch_dir() / "cnnlab-pending"
+        folders = sorted(p for p in pending.glob("*") if (p / "journal.jsonl").is_file())
+        if not folders:
+            raise CnnlabError("no pending logs in ./cnnlab-pending; give the folder of a run")
     failed = 0
     for folder in folders:
-        if not (folder / "journal.jsonl").is_file():
-            print(f"cnnlab-sync: error: {folder} holds no pending logs", file=sys.stderr)
-            failed += 1
-            continue
         try:
+            if not (folder / "journal.jsonl").is_file():
+                raise CnnlabError(f"{folder} holds no pending logs")
             uri, run_id, count = sync(folder)
         except CnnlabError as exc:
             print(f"cnnlab-sync: error: {exc}", file=sys.stderr)
             failed += 1
             continue
         print(f"{folder}: delivered {count} item(s) to run {run_id} in {uri}")
-    sys.exit(1 if failed else 0)
+    return failed
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folders", nargs="*", type=Path, help="cnnlab-pending/<run_id> folders")
+
+
+def main() -> None:
+    """Console entry point of cnnlab-sync."""
+    command("cnnlab-sync", __doc__, _arguments, lambda args: sync_folders(args.folders))
