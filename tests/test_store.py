@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cnnlab.tracking import create_run
-from helpers import cli_env, cnnlab, data_overrides, file_size_limit, one_error_line
+from helpers import Store, cli_env, cnnlab, data_overrides, file_size_limit, one_error_line
 
 
 @pytest.fixture(scope="session")
@@ -37,11 +37,6 @@ def one_line(done: subprocess.CompletedProcess) -> str:
     return line
 
 
-def runs(uri: str) -> list:
-    client = MlflowClient(uri)
-    return client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])
-
-
 def store_with_a_run(db: Path, cache: Path, monkeypatch) -> str:
     """Create the store `db` holding one finished run (the cached template makes this fast)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
@@ -63,7 +58,7 @@ def test_a_full_disk_leaves_no_half_store_and_the_next_run_succeeds(
 
     done = cnnlab_train([*tiny_overrides, "tracking.log_model=false"], tmp_path, cache)
     assert done.returncode == 0, done.stderr
-    [run] = runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = Store(f"sqlite:///{tmp_path / 'mlflow.db'}").runs()
     assert run.info.status == "FINISHED"
 
 
@@ -122,7 +117,7 @@ def test_a_file_named_mlartifacts_is_refused_and_the_store_kept(
     (tmp_path / "mlartifacts").write_text("someone's notes\n")
     line = one_line(cnnlab_train(tiny_overrides, tmp_path, cache))
     assert f"{tmp_path / 'mlartifacts'} is a file" in line and "move the file aside" in line
-    assert [r.info.run_name for r in runs(uri)] == ["kept"]  # no new, failed run beside it
+    assert [r.info.run_name for r in Store(uri).runs()] == ["kept"]  # no new, failed run beside it
     assert (tmp_path / "mlartifacts").read_text() == "someone's notes\n"
 
 
@@ -138,7 +133,7 @@ def trained(tiny_data, tmp_path_factory, cache) -> tuple[Path, str, str]:
         folder, cache,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    [run] = runs(uri)
+    [run] = Store(uri).runs()
     return folder, uri, run.info.run_id
 
 

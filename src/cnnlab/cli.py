@@ -38,6 +38,11 @@ def launch_dir() -> Path:
     return Path.cwd()
 
 
+def launch_path(path: str) -> Path:
+    """`path` (data.root, tracking.pending_dir) taken from the launch directory if relative."""
+    return launch_dir() / Path(path).expanduser()
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     """cnnlab-train's config with key=value `overrides`, checked the same way."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

@@ -31,12 +31,6 @@ TRUST_STORE_HINT = "pass --trust-store if you trust the store that wrote it"
 _EXPORT_DTYPES = {6: torch.float16, 7: torch.float32, 8: torch.float64, 13: torch.bfloat16}
 
 
-def first_line(exc: BaseException) -> str:
-    """An exception as one line: its class and the first line of its message."""
-    text = str(exc).strip()
-    return f"{exc.__class__.__name__}: {text.splitlines()[0]}" if text else exc.__class__.__name__
-
-
 def signature_shapes(mlmodel: dict[str, Any], model_uri: str) -> tuple[tuple[int, ...], int]:
     """(C, H, W) of one image and the number of classes, from the MLmodel's tensor signature
     (inputs (-1, C, H, W), outputs (-1, classes))."""

@@ -29,7 +29,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from cnnlab import CnnlabError
+from cnnlab import CnnlabError, one_line
 from cnnlab.cli import command, compose_config, store_uri
 from cnnlab.tracking import load_model
 
@@ -104,8 +104,7 @@ def _reason(exc: Exception) -> str:
     # One line: an OSError's own words (no such file, permission denied), else type and message.
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{exc.__class__.__name__}: {first}" if first else exc.__class__.__name__
+    return one_line(exc)
 
 
 def predict(

@@ -39,7 +39,7 @@ from mlflow.models import Model, infer_signature
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.tracking import MlflowClient
 
-from cnnlab import CnnlabError, exported, interrupts
+from cnnlab import CnnlabError, exported, interrupts, one_line
 
 # MLflow draws a progress bar for every artifact download; cnnlab's output stays readable.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -49,6 +49,19 @@ logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 class TrackingError(CnnlabError):
     """The tracking store cannot be reached or used."""
+
+
+_SQLITE = "sqlite:///"
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a SQLite store's URI; None for any other store."""
+    return Path(uri[len(_SQLITE) :]) if uri.startswith(_SQLITE) else None
+
+
+def _artifacts_beside(db: Path) -> Path:
+    """Where a SQLite store keeps its runs' artifacts: beside the file, one movable folder."""
+    return db.parent / "mlartifacts"
 
 
 def resolve_uri(uri: str | None, launch_dir: Path) -> str:
@@ -128,8 +141,8 @@ class Journal:
     def __init__(self, folder: Path, client: MlflowClient, uri: str, run_id: str) -> None:
         self.folder, self.client, self.uri, self.run_id = folder, client, uri, run_id
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.meta = {"uri": uri, "run_id": run_id}  # never a password: see split_credentials
-        (folder / "meta.json").write_text(json.dumps(self.meta))
+        meta = {"uri": uri, "run_id": run_id}  # never a password: see split_credentials
+        (folder / "meta.json").write_text(json.dumps(meta))
         self._lines = (folder / "journal.jsonl").open("a", encoding="utf-8")
         self._written = self._delivered = _read_delivered(folder)
         self._changed = threading.Condition()
@@ -209,11 +222,11 @@ class Journal:
                 except Exception as exc:  # noqa: BLE001 - any failure: keep the write, retry
                     if self.error is None:
                         print(
-                            f"warning: tracking store {self.uri} failed ({_reason(exc)}); "
+                            f"warning: tracking store {self.uri} failed ({one_line(exc)}); "
                             "training goes on, logs wait in " + str(self.folder),
                             file=sys.stderr,
                         )
-                    self.error = _reason(exc)
+                    self.error = one_line(exc)
                     with self._changed:
                         if self._changed.wait_for(lambda: self._stopping, timeout=backoff):
                             return
@@ -227,11 +240,6 @@ class Journal:
                     self._delivered += done
                     _write_delivered(self.folder, self._delivered)
                     self._changed.notify_all()
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(getattr(exc, "message", None) or exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
 def _read_delivered(folder: Path) -> int:
@@ -313,7 +321,7 @@ def sync(folder: Path) -> tuple[str, str, int]:
             done = deliver(client, folder, meta["run_id"], ops)
         except Exception as exc:  # noqa: BLE001 - the store refused: keep the rest for next time
             raise TrackingError(
-                f"{meta['uri']} refused the logs of run {meta['run_id']} ({_reason(exc)}); "
+                f"{meta['uri']} refused the logs of run {meta['run_id']} ({one_line(exc)}); "
                 f"{len(ops)} item(s) are still in {folder}: run cnnlab-sync again"
             ) from exc
         ops, delivered, sent = ops[done:], delivered + done, sent + done
@@ -334,10 +342,10 @@ def check_store(uri: str) -> None:
     database, or a file where the store's `mlartifacts` folder belongs is refused and left as it
     is, before MLflow writes anything.
     """
-    if not uri.startswith("sqlite:///"):
+    db = _sqlite_file(uri)
+    if db is None:
         return
-    db = Path(uri[len("sqlite:///") :])
-    artifacts = db.parent / "mlartifacts"  # where _experiment_id puts the store's artifacts
+    artifacts = _artifacts_beside(db)
     if artifacts.exists() and not artifacts.is_dir():
         raise TrackingError(
             f"{artifacts} is a file, but the store {db} keeps its runs' artifacts in a folder "
@@ -601,7 +609,7 @@ def load_model(model_ref: str, tracking_uri: str, trust_store: bool = False) -> 
             mlmodel = yaml.safe_load((local / "MLmodel").read_text())
         except (mlflow.exceptions.MlflowException, OSError, yaml.YAMLError) as exc:
             raise TrackingError(
-                f"cannot load model {model_uri} from {tracking_uri}: {exported.first_line(exc)}"
+                f"cannot load model {model_uri} from {tracking_uri}: {one_line(exc)}"
             ) from exc
         if not isinstance(mlmodel, dict):
             raise TrackingError(f"model {model_uri} has no readable MLmodel file")
@@ -612,7 +620,7 @@ def load_model(model_ref: str, tracking_uri: str, trust_store: bool = False) -> 
             try:
                 network = mlflow.pytorch.load_model(str(local), map_location="cpu")
             except Exception as exc:  # whatever a foreign model raises: one line, not a traceback
-                reason = exported.first_line(exc)
+                reason = one_line(exc)
                 raise TrackingError(f"cannot load model {model_uri}: {reason}") from exc
         else:
             try:
@@ -785,9 +793,9 @@ def _seed_sqlite_store(uri: str) -> None:
     once per MLflow version in ~/.cache/cnnlab and copied from then on. Either is written to a
     temporary file and renamed, so a full disk leaves no half-written store to fail every later run.
     """
-    if not uri.startswith("sqlite:///"):
+    target = _sqlite_file(uri)
+    if target is None:
         return
-    target = Path(uri[len("sqlite:///") :])
     if target.exists():
         return
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cnnlab"
@@ -839,8 +847,6 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    artifact_location = None
-    if uri.startswith("sqlite:///"):
-        # Artifacts beside the database file, so the store is one movable folder.
-        artifact_location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    db = _sqlite_file(uri)
+    artifact_location = _artifacts_beside(db).as_uri() if db is not None else None
     return client.create_experiment(name, artifact_location=artifact_location)

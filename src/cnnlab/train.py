@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from cnnlab import CnnlabError, checkpoint, interrupts, schema, sweep
 from cnnlab.checkpoint import Progress
-from cnnlab.cli import CONF_DIR, launch_dir, run_cli
+from cnnlab.cli import CONF_DIR, launch_path, run_cli, store_uri
 from cnnlab.data import Dataset, Split, load_dataset
 from cnnlab.hardware import setup_hardware
 from cnnlab.loop import TrainingInterrupted, evaluate, train_one_epoch
@@ -36,7 +36,6 @@ from cnnlab.tracking import (
     closing_run,
     create_run,
     move_credentials_to_env,
-    resolve_uri,
     run_config,
     set_request_timeout,
 )
@@ -44,10 +43,10 @@ from cnnlab.tracking import (
 
 def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
     """Train the configured model and log the run; return the final test accuracy."""
-    here = launch_dir()  # not the job's folder, should hydra.job.chdir=true have moved there
+    # Relative paths are the launch directory's, should hydra.job.chdir=true have moved away.
     if cfg.tracking.uri:  # a password in the URI goes to the environment, never into the logs
         cfg.tracking.uri = move_credentials_to_env(cfg.tracking.uri)
-    uri = resolve_uri(cfg.tracking.uri, here)
+    uri = store_uri(cfg)
     set_request_timeout(cfg.tracking.request_timeout)
     if cfg.tracking.enabled or cfg.train.resume:
         check_reachable(uri)  # seconds, not a whole epoch, to learn the server is down
@@ -58,12 +57,12 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
     # cores // parallel jobs: joblib's loky workers start with OMP_NUM_THREADS set to it.
     device = setup_hardware(cfg.hardware)
 
-    data = load_dataset(**{**cfg.data, "root": str(here / Path(cfg.data.root).expanduser())})
+    data = load_dataset(**{**cfg.data, "root": str(launch_path(cfg.data.root))})
     train_split, test_split = data.train.to(device), data.test.to(device)
 
     model, optimizer = build_model(cfg, data, device)
 
-    spool = here / cfg.tracking.pending_dir
+    spool = launch_path(cfg.tracking.pending_dir)
     with open_run(cfg, uri, spool, device, data.checksum, extra_tags, model, optimizer) as (
         run,
         progress,
@@ -96,7 +95,8 @@ def fit(
     run: Tracker | NullTracker,
     progress: Progress,
 ) -> float:
-    """Train the epochs from `at` on, logging as it goes; checkpoint each epoch and on a stop."""
+    """Train the epochs from `progress` on, logging as it goes; checkpoint each epoch and on a
+    stop."""
     batches_per_epoch = -(-len(train_split) // cfg.train.batch_size)
     accuracy = math.nan
     if progress.epoch >= cfg.train.epochs:  # a resumed run that had trained every epoch already
