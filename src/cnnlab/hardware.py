@@ -1,12 +1,15 @@
 """The process's hardware settings for a run: device, torch threads, determinism.
 
-Jobs of a joblib sweep need no thread arithmetic here: joblib's loky workers start with
-OMP_NUM_THREADS/MKL_NUM_THREADS = cores // jobs, which torch follows.
+hardware.threads=0 means "the CPUs this job was given": a Ray task's CPU resources, a SLURM
+job's cpus-per-task, else torch's default. Jobs of a joblib sweep need no arithmetic here:
+joblib's loky workers start with OMP_NUM_THREADS/MKL_NUM_THREADS = cores // jobs, which torch
+follows.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 from omegaconf import DictConfig
@@ -18,9 +21,9 @@ _DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before any job
 
 
 def setup_hardware(hardware: DictConfig) -> torch.device:
-    """Apply hardware.threads (0: torch's default) and determinism; the device to train on."""
+    """Apply hardware.threads (0: the job's CPUs) and determinism; the device to train on."""
     # Set both ways every time: jobs of a sweep share this process.
-    torch.set_num_threads(hardware.threads or _DEFAULT_THREADS)
+    torch.set_num_threads(hardware.threads or allotted_cpus() or _DEFAULT_THREADS)
     if hardware.deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; harmless on the CPU.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -38,3 +41,20 @@ def setup_hardware(hardware: DictConfig) -> torch.device:
     if hardware.cuda_graphs:
         check_cuda_graphs(device)  # now, not after the data is read and the run created
     return device
+
+
+def allotted_cpus() -> int | None:
+    """The CPUs a scheduler gave this job (Ray task, SLURM job), or None outside one.
+
+    Without this a job uses one thread per core of the node and its neighbours' cores too:
+    with TaskPlugin=task/none SLURM doesn't pin jobs, and Ray never does.
+    """
+    if "ray" in sys.modules:  # only a Ray worker has imported it; never import it here
+        import ray
+
+        if ray.is_initialized():
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            if cpus:
+                return max(1, int(cpus))
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return int(slurm) if slurm.isdigit() and int(slurm) > 0 else None

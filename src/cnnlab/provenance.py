@@ -30,6 +30,7 @@ def run_tags(cfg: DictConfig, device: torch.device, data_checksum: str) -> dict[
     return {
         **code_tags(),
         "cnnlab.device": str(device),
+        "cnnlab.threads": str(torch.get_num_threads()),  # what hardware.threads=0 came to
         "cnnlab.dataset": cfg.data.name,
         "cnnlab.dataset_md5": data_checksum,
         "cnnlab.overrides": " ".join(command_line_overrides()),
