@@ -45,7 +45,7 @@ from cnnlab.models import ConvNet
 from cnnlab.provenance import flatten
 from cnnlab.reference import article_training
 from cnnlab.step import TrainStep, flat_parameters, optimizer_step
-from cnnlab.tracking import Tracker, check_reachable, closing_run, create_run
+from cnnlab.tracking import Tracker, check_reachable, closing_run, create_run, sweep_children
 from cnnlab.train import build_model, train
 
 
@@ -528,33 +528,92 @@ def parallel_probe() -> None:
 
 
 def section_sweep(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
-    """Wall time of a 4-job sweep (1 epoch each) with the basic and the joblib launcher."""
-    folder = Path(tempfile.mkdtemp(prefix="cnnlab-bench-"))
-    common = [
-        "-m", "train.seed=1,2,3,4", "train.epochs=1",
-        f"data.root={data.raw_dir.parent.parent}", f"hardware.device={device}",
-        f"tracking.uri=sqlite:///{folder / 'mlflow.db'}",
-    ]  # fmt: skip
-    launchers = {"basic": [], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]}
+    """A 4-job sweep (1 epoch each, tracked) on each launcher: wall time, and what each engine
+    adds per job beyond the job's own run (submission, process start-up, imports, the store).
 
-    def sweep(extra: list[str]) -> Callable[[], float]:
+    `overhead/job` = (wall x slots - the runs' summed durations) / jobs, where a run's duration
+    is its MLflow start to end (data, training, logging) and `slots` the jobs the engine runs
+    at once here: slot-seconds each job costs that are not its run. SLURM is measured where a
+    cluster answers `sinfo` (e.g. the loopback one `python tests/slurm.py start DIR` starts);
+    Ray starts a local instance unless bench.ray_address names a running head.
+    """
+    jobs, cores = 4, os.cpu_count() or 1
+    slots = min(2, cores)
+    ray_address = cfg.bench.ray_address
+    engines = {
+        "basic": ([], 1),
+        "joblib": (["hydra/launcher=joblib", f"hydra.launcher.n_jobs={slots}"], slots),
+        "slurm": (["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1"], slots),
+        "ray": (
+            ["hydra/launcher=ray", f"hydra.launcher.ray.init.address={ray_address or 'null'}"]
+            + ([] if ray_address else [f"+hydra.launcher.ray.init.num_cpus={slots}"]),
+            slots,
+        ),
+    }
+    missing = {name: why for name in engines if (why := _engine_missing(name))}
+    stats: dict[str, list[tuple[float, float, float]]] = {name: [] for name in engines}
+
+    def sweep(name: str) -> Callable[[], float]:
         def measure() -> float:
-            start = time.perf_counter()
-            subprocess.run(
-                [Path(sys.executable).with_name("cnnlab-train"), *common, *extra],
-                cwd=folder, capture_output=True, check=True,
-            )  # fmt: skip
-            return time.perf_counter() - start
+            folder = Path(tempfile.mkdtemp(prefix=f"cnnlab-bench-{name}-"))
+            uri = f"sqlite:///{folder / 'mlflow.db'}"
+            command = [
+                Path(sys.executable).with_name("cnnlab-train"), "-m",
+                f"train.seed={','.join(str(seed) for seed in range(1, jobs + 1))}",
+                "train.epochs=1", f"data.root={data.raw_dir.parent.parent}",
+                f"hardware.device={device}", f"tracking.uri={uri}", *engines[name][0],
+            ]  # fmt: skip
+            start = time.time()
+            done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+            wall = time.time() - start
+            if done.returncode:
+                raise CnnlabError(f"the {name} sweep failed: {done.stderr.strip()[-500:]}")
+            children = sweep_children(uri, "cnnlab")
+            runs = sum(c["end"] - c["start"] for c in children if c["end"])
+            first = min(c["start"] for c in children) - start
+            overhead = (wall * engines[name][1] - runs) / jobs
+            stats[name].append((first, runs / jobs, overhead))
+            return wall
 
         return measure
 
-    seconds = alternate(cfg.bench.rounds, {k: sweep(v) for k, v in launchers.items()})
-    return [
-        "Sweep of 4 jobs (1 epoch each, tracked), wall time from the command line:",
-        f"  basic launcher        {seconds.median('basic'):7.1f} s",
-        f"  joblib, 2 workers     {seconds.median('joblib'):7.1f} s   "
-        f"{seconds.ratio('basic', 'joblib'):.2f}x faster",
+    available = [name for name in engines if name not in missing]
+    seconds = alternate(cfg.bench.rounds, {name: sweep(name) for name in available})
+    lines = [
+        f"Sweep of {jobs} jobs (1 epoch each, tracked), per launcher ({slots} slots where "
+        "parallel):",
+        "  launcher  slots     wall  first job starts  mean run  overhead/job",
     ]
+    for name in engines:
+        if name in missing:
+            lines.append(f"  {name:<8}  not measured: {missing[name]}")
+            continue
+        first, run, overhead = (statistics.median(s) for s in zip(*stats[name], strict=True))
+        lines.append(
+            f"  {name:<8}  {engines[name][1]:>5}  {seconds.median(name):6.1f} s  "
+            f"{first:12.1f} s  {run:6.1f} s  {overhead:9.1f} s"
+        )
+    return lines
+
+
+def _engine_missing(name: str) -> str | None:
+    """Why launcher `name` can't be measured here, or None."""
+    if name in ("slurm", "ray"):
+        plugin = "hydra_submitit_launcher" if name == "slurm" else "hydra_ray_launcher"
+        try:
+            __import__(f"hydra_plugins.{plugin}")
+        except ImportError:
+            return "its launcher plugin is not installed: pip install -e '.[cluster]'"
+    if name == "slurm":
+        try:
+            state = subprocess.run(
+                ["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"no SLURM cluster answers sinfo ({type(exc).__name__})"
+        if state.returncode or not {"idle", "mix"} & set(state.stdout.split()):
+            return "no idle SLURM node (sinfo); start one: python tests/slurm.py start DIR"
+    return None
 
 
 SECTIONS = {

@@ -145,6 +145,7 @@ class BenchConf:
     rounds: int = MISSING  # alternating rounds per comparison; the median is reported
     batch_sizes: list[int] = MISSING
     sections: list[str] = MISSING
+    ray_address: str | None = None  # sweep section: a running Ray head; None starts a local one
 
 
 @dataclass

@@ -533,25 +533,8 @@ class Tracker:
         return self.client.get_run(self.run_id).info.status
 
     def children(self) -> list[dict[str, Any]]:
-        """The runs whose parent is this run, oldest first, as plain dicts (`values`: what the
-        sweep set for the run)."""
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}'",
-            order_by=["attributes.start_time ASC"],
-        )
-        return [
-            {
-                "run_id": r.info.run_id,
-                "run_name": r.info.run_name,
-                "status": r.info.status,
-                "params": dict(r.data.params),
-                "metrics": dict(r.data.metrics),
-                "error": r.data.tags.get("cnnlab.error", ""),
-                "values": json.loads(r.data.tags.get("cnnlab.sweep_values", "{}")),
-            }
-            for r in runs
-        ]
+        """The runs whose parent is this run, oldest first (see `run_children`)."""
+        return run_children(self.client, self.experiment_id, self.run_id)
 
     def download(self, artifact_path: str, dst: Path) -> Path | None:
         """A local copy of one of the run's artifacts, or None if the run has no such file."""
@@ -632,6 +615,39 @@ def load_model(model_ref: str, tracking_uri: str, trust_store: bool = False) -> 
                 ) from exc
             network = exported.rebuilt_network(config, in_shape, num_classes, archive, model_uri)
     return LoadedModel(network, in_shape)
+
+
+def run_children(client: MlflowClient, experiment_id: str, run_id: str) -> list[dict[str, Any]]:
+    """The runs whose parent is `run_id`, oldest first, as plain dicts (`values`: what the
+    sweep set for the run; `start`, `end`: epoch seconds, `end` None while it runs)."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
+    return [
+        {
+            "run_id": r.info.run_id,
+            "run_name": r.info.run_name,
+            "status": r.info.status,
+            "params": dict(r.data.params),
+            "metrics": dict(r.data.metrics),
+            "error": r.data.tags.get("cnnlab.error", ""),
+            "values": json.loads(r.data.tags.get("cnnlab.sweep_values", "{}")),
+            "start": r.info.start_time / 1000,
+            "end": r.info.end_time / 1000 if r.info.end_time else None,
+        }
+        for r in runs
+    ]
+
+
+def sweep_children(uri: str, experiment: str) -> list[dict[str, Any]]:
+    """The child runs of the newest sweep in `experiment` (see `run_children`)."""
+    parents = find_runs(uri, experiment, "cnnlab.role", "sweep")
+    if not parents:
+        return []
+    client = MlflowClient(tracking_uri=uri)
+    return run_children(client, client.get_run(parents[0]).info.experiment_id, parents[0])
 
 
 def find_runs(uri: str, experiment: str, tag: str, value: str) -> list[str]:
