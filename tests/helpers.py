@@ -232,28 +232,35 @@ def wait_healthy(url: str, timeout: float = 120, alive=lambda: True) -> None:
 
 
 class MlflowServer:
-    """`mlflow server` with a SQLite backend and proxied artifacts in `folder`, on one port.
+    """`mlflow server` on one port, with proxied artifacts in `folder` and its runs in
+    `backend_store_uri` (default: a SQLite file in `folder`; a team's is PostgreSQL).
 
-    Started in its own process group: the server runs uvicorn as a child, and `kill` must take
-    both down at once, as a crash would. `start` again serves the same store on the same port.
+    Started in its own process group: the server runs uvicorn and a job runner as children, and
+    `kill` must take them all down at once, as a crash would. `start` again serves the same store
+    on the same port. The server's output goes to `folder`/server.log.
     """
 
-    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, folder: Path, env: dict[str, str], backend_store_uri: str | None = None
+    ) -> None:
         self.folder, self.env = folder, env
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{folder / 'server.db'}"
+        self.artifacts = folder / "server-artifacts"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> MlflowServer:
-        """Start serving and wait until healthy."""
-        self.proc = subprocess.Popen(
-            [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
-             "--artifacts-destination", str(self.folder / "server-artifacts")],
-            cwd=self.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env,
-            start_new_session=True,
-        )  # fmt: skip
-        wait_healthy(self.url, alive=lambda: self.proc.poll() is None)
+    def start(self, timeout: float = 120) -> MlflowServer:
+        """Start serving and wait until healthy (a new database is migrated first: seconds)."""
+        with (self.folder / "server.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [BIN / "mlflow", "server", "--backend-store-uri", self.backend_store_uri,
+                 "--artifacts-destination", str(self.artifacts), "--serve-artifacts",
+                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+                cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                start_new_session=True,
+            )  # fmt: skip
+        wait_healthy(self.url, timeout, alive=lambda: self.proc.poll() is None)
         return self
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

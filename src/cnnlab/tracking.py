@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import sys
@@ -110,13 +111,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail within `timeout` seconds if an HTTP tracking server does not answer its health check."""
     if not uri.startswith(("http://", "https://")):
         return
-    request = urllib.request.Request(f"{uri.rstrip('/')}/health")
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-    if user:
-        token = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
-        request.add_header("Authorization", "Basic " + base64.b64encode(token).decode())
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(_server_request(uri, "/health"), timeout=timeout) as response:
             if response.status == 200:
                 return
             reason = f"HTTP {response.status}"
@@ -125,6 +121,47 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     raise TrackingError(
         f"tracking server {uri} is unreachable ({reason}); start it with "
         "`mlflow server --host 127.0.0.1 --port 5000` or set tracking.uri=null for the local store"
+    )
+
+
+def _server_request(uri: str, path: str) -> urllib.request.Request:
+    """A GET of `path` on the server at `uri`, with the user's credentials as MLflow sends them."""
+    request = urllib.request.Request(f"{uri.rstrip('/')}{path}")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if user:
+        token = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
+        request.add_header("Authorization", "Basic " + base64.b64encode(token).decode())
+    return request
+
+
+# MLflow's client retries a 5xx answer, then reports only this, without the server's words.
+_SERVER_FAILS = re.compile(r"too many (5\d\d) error responses")
+
+
+def store_failure(uri: str, exc: BaseException) -> str:
+    """Why the store refused a write, in one line.
+
+    A server that answers 5xx is up but fails behind itself: typically its database (a team
+    server's PostgreSQL) or its artifact storage is down. That is said, with the server's reason.
+    """
+    status = _SERVER_FAILS.search(str(exc))
+    if status is None or not uri.startswith(("http://", "https://")):
+        return one_line(exc)
+    reason = ""
+    try:  # any request that needs the database; only the body of a failure is read
+        urllib.request.urlopen(
+            _server_request(uri, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=_"),
+            timeout=5,
+        ).close()
+    except urllib.error.HTTPError as answer:
+        with suppress(ValueError, AttributeError, OSError):
+            body = json.loads(answer.read(65536))
+            reason = f": {str(body['message']).strip().splitlines()[0][:300]}"
+    except OSError:
+        pass
+    return (
+        f"the server answers HTTP {status[1]}{reason}; it runs, but its database or artifact "
+        "storage fails: see the server's log"
     )
 
 
@@ -220,13 +257,14 @@ class Journal:
                 try:
                     done = deliver(self.client, self.folder, self.run_id, ops)
                 except Exception as exc:  # noqa: BLE001 - any failure: keep the write, retry
-                    if self.error is None:
+                    first = self.error is None
+                    self.error = store_failure(self.uri, exc)
+                    if first:
                         print(
-                            f"warning: tracking store {self.uri} failed ({one_line(exc)}); "
+                            f"warning: tracking store {self.uri} failed ({self.error}); "
                             "training goes on, logs wait in " + str(self.folder),
                             file=sys.stderr,
                         )
-                    self.error = one_line(exc)
                     with self._changed:
                         if self._changed.wait_for(lambda: self._stopping, timeout=backoff):
                             return
@@ -321,7 +359,8 @@ def sync(folder: Path) -> tuple[str, str, int]:
             done = deliver(client, folder, meta["run_id"], ops)
         except Exception as exc:  # noqa: BLE001 - the store refused: keep the rest for next time
             raise TrackingError(
-                f"{meta['uri']} refused the logs of run {meta['run_id']} ({one_line(exc)}); "
+                f"{meta['uri']} refused the logs of run {meta['run_id']} "
+                f"({store_failure(meta['uri'], exc)}); "
                 f"{len(ops)} item(s) are still in {folder}: run cnnlab-sync again"
             ) from exc
         ops, delivered, sent = ops[done:], delivered + done, sent + done
