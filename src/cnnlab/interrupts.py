@@ -5,6 +5,10 @@ open (`handled`), each of them raises `Terminated` wherever the program is, so t
 closing code marks it KILLED. Two stretches handle the first signal more gently:
 `stop_requests` (training stops after the current mini-batch, to checkpoint) and `deferred`
 (the run's last writes are being delivered). A second signal always stops at once.
+
+SIGUSR1/SIGUSR2 are taken over the same way when a library already handles them: submitit, which
+runs SLURM jobs, requeues its job on SIGUSR2 (preemption, or the time limit drawing near). The
+run stops as on SIGTERM, resumable, and once it is closed the signal goes on to that handler.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+HANDED_ON = (signal.SIGUSR1, signal.SIGUSR2)  # taken over only from a Python handler
 
 
 class Terminated(KeyboardInterrupt):
@@ -44,7 +49,11 @@ def _handler(signum: int, frame: Any) -> None:
 
 @contextmanager
 def handled() -> Iterator[None]:
-    """Within: SIGINT, SIGTERM and SIGHUP raise Terminated (only the main thread gets them)."""
+    """Within: SIGINT, SIGTERM and SIGHUP raise Terminated (only the main thread gets them).
+
+    So do SIGUSR1 and SIGUSR2 where a Python handler had them; a run they stop is closed first,
+    then that handler gets the signal (submitit then requeues the job and exits).
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -52,11 +61,22 @@ def handled() -> Iterator[None]:
     for sig in SIGNALS:
         if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
             previous[sig] = signal.signal(sig, _handler)
+    for sig in HANDED_ON:
+        if callable(signal.getsignal(sig)):  # not SIG_DFL: that would kill a plain process
+            previous[sig] = signal.signal(sig, _handler)
+    stopped_by = None
     try:
         yield
+    except Terminated as stop:
+        stopped_by = stop.signum
+        raise
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        if stopped_by in HANDED_ON and stopped_by in previous:
+            # Its handler runs here, now that the run is closed; whatever it raises (submitit:
+            # SystemExit after requeueing) replaces Terminated.
+            signal.raise_signal(stopped_by)
 
 
 @contextmanager

@@ -3,6 +3,10 @@
 A Hydra callback opens the parent before the first job, records its id in the sweep folder for
 every job process (the joblib launcher's workers included), and at the end of the sweep gives the
 parent a summary: the best child, and a CSV table of every child's params, metrics and status.
+
+A job SLURM runs again (submitit requeues it on preemption or at its time limit, with the same
+overrides) continues the run its first attempt opened, from that run's last checkpoint: each job
+notes its run in its own output folder.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cnnlab.tracking import Tracker, check_reachable, create_run, resolve_uri
+from cnnlab.tracking import Tracker, attach_run, check_reachable, create_run, resolve_uri, run_state
 
 SWEEP_FILE = "cnnlab-sweep.json"  # in hydra.sweep.dir: what each job needs to find its parent
+RUN_FILE = "cnnlab-run.json"  # in a job's output folder: the run it opened, for a requeued job
 METRIC = "test_accuracy"  # what the entrypoint returns and sweeps maximise
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
@@ -158,14 +163,19 @@ def in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _sweep_record() -> dict[str, Any] | None:
+    """What the launching process wrote in the sweep folder (parent run, swept keys), if any."""
+    if not in_sweep():
+        return None
+    record_file = Path(HydraConfig.get().sweep.dir) / SWEEP_FILE
+    return json.loads(record_file.read_text()) if record_file.exists() else None
+
+
 def job_tags() -> tuple[dict[str, str], str | None]:
     """(tags, run name) that place this job's run under its sweep's parent; ({}, None) if none."""
-    if not in_sweep():
+    record = _sweep_record()
+    if record is None:
         return {}, None
-    record_file = Path(HydraConfig.get().sweep.dir) / SWEEP_FILE
-    if not record_file.exists():
-        return {}, None
-    record = json.loads(record_file.read_text())
     pairs = [o.split("=", 1) for o in HydraConfig.get().overrides.task if "=" in o]
     values = {key: value for key, value in pairs if key in record["swept"]}
     tags = {
@@ -174,6 +184,47 @@ def job_tags() -> tuple[dict[str, str], str | None]:
     }
     # Named from what differs between jobs, e.g. "optimizer=sgd,optimizer.lr=0.001".
     return tags, ",".join(f"{k}={v}" for k, v in values.items()) or None
+
+
+def remember_job_run(run_id: str) -> None:
+    """Note in the job's output folder that it opened run `run_id` (no-op outside a sweep)."""
+    record = _sweep_record()
+    if record is None:
+        return
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RUN_FILE).write_text(
+        json.dumps({"run_id": run_id, "parent_run_id": record["parent_run_id"]})
+    )
+
+
+def requeued_run(uri: str, spool: Path) -> str | None:
+    """The run this job continues if SLURM is running it again (requeued), else None.
+
+    That is the run an earlier attempt of this job, in this sweep, opened and did not finish. If
+    it stopped before its first checkpoint there is nothing to continue: it is closed KILLED and
+    the job starts a new run.
+    """
+    sweep_record = _sweep_record()
+    run_file = Path(HydraConfig.get().runtime.output_dir) / RUN_FILE if sweep_record else None
+    if run_file is None or not run_file.exists():
+        return None
+    record = json.loads(run_file.read_text())
+    if record["parent_run_id"] != sweep_record["parent_run_id"]:
+        return None  # left by another sweep into the same folder: not this job's
+    # (What train.resumed_run continues from.)
+    status, has_checkpoint = run_state(uri, record["run_id"], "checkpoints/last.pt")
+    if status == "FINISHED":
+        return None
+    if not has_checkpoint:
+        stale = attach_run(uri, record["run_id"], spool)
+        stale.set_tags(
+            {"cnnlab.error": "stopped before its first checkpoint; requeued as a new run"}
+        )
+        stale.end("KILLED")
+        return None
+    print(f"Requeued job: continuing its run {record['run_id']}")
+    return record["run_id"]
 
 
 def nan_for_a_failed_job() -> bool:

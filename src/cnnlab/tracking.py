@@ -783,9 +783,13 @@ def _get_run(uri: str, run_id: str) -> tuple[MlflowClient, Any]:
         raise TrackingError(f"no run {run_id} in {uri}; check the id and tracking.uri") from exc
 
 
-def _download(client: MlflowClient, run_id: str, artifact_path: str, dst: Path) -> Path | None:
+def _has_artifact(client: MlflowClient, run_id: str, artifact_path: str) -> bool:
     folder, _, name = artifact_path.rpartition("/")
-    if name not in {Path(a.path).name for a in client.list_artifacts(run_id, folder)}:
+    return name in {Path(a.path).name for a in client.list_artifacts(run_id, folder)}
+
+
+def _download(client: MlflowClient, run_id: str, artifact_path: str, dst: Path) -> Path | None:
+    if not _has_artifact(client, run_id, artifact_path):
         return None
     return Path(client.download_artifacts(run_id, artifact_path, str(dst)))
 
@@ -798,6 +802,12 @@ def run_config(uri: str, run_id: str) -> dict[str, Any]:
         if path is None:
             raise TrackingError(f"run {run_id} logged no config/config.yaml")
         return yaml.safe_load(path.read_text())
+
+
+def run_state(uri: str, run_id: str, artifact_path: str) -> tuple[str, bool]:
+    """(status, whether it has logged `artifact_path`) of run `run_id`."""
+    client, run = _get_run(uri, run_id)
+    return run.info.status, _has_artifact(client, run_id, artifact_path)
 
 
 def run_record(uri: str, run_id: str) -> dict[str, Any]:

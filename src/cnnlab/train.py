@@ -27,7 +27,7 @@ from cnnlab.hardware import setup_hardware
 from cnnlab.loop import TrainingInterrupted, evaluate, train_one_epoch
 from cnnlab.provenance import command_line_overrides, log_config, requirements, run_tags
 from cnnlab.step import TrainStep, flat_parameters
-from cnnlab.sweep import in_sweep, job_tags, nan_for_a_failed_job
+from cnnlab.sweep import in_sweep, job_tags, nan_for_a_failed_job, remember_job_run, requeued_run
 from cnnlab.tracking import (
     NullTracker,
     Tracker,
@@ -50,8 +50,13 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
     set_request_timeout(cfg.tracking.request_timeout)
     if cfg.tracking.enabled or cfg.train.resume:
         check_reachable(uri)  # seconds, not a whole epoch, to learn the server is down
-    if cfg.train.resume:
-        cfg = resumed_config(cfg.train.resume, uri)  # the run's own config, not today's conf/
+    if cfg.train.resume:  # the run's own config, not today's conf/
+        cfg = resumed_config(cfg.train.resume, uri, command_line_overrides())
+    elif cfg.tracking.enabled and in_sweep():
+        # A sweep job SLURM runs again (requeued) continues its run, from its last checkpoint;
+        # the job's overrides configured that run, so there are none to check.
+        if run_id := requeued_run(uri, launch_path(cfg.tracking.pending_dir)):
+            cfg = resumed_config(run_id, uri, overrides=[])
     schema.validate(cfg)
     # hardware.threads=0 keeps torch's default, which in a joblib launcher's worker is already
     # cores // parallel jobs: joblib's loky workers start with OMP_NUM_THREADS set to it.
@@ -157,6 +162,7 @@ def open_run(
             run = create_run(
                 uri, cfg.tracking.experiment, run_name, tags, spool, cfg.tracking.flush_timeout
             )
+            remember_job_run(run.run_id)  # a sweep job run again continues this run
             progress = Progress()  # RNG state now: right after the model's initialisation
         else:
             run, progress = NullTracker(), Progress()
@@ -204,12 +210,13 @@ _RESUME_MAY_CHANGE = (
 )
 
 
-def resumed_config(run_id: str, uri: str) -> DictConfig:
-    """The config run `run_id` logged, set to continue that run in the store at `uri`."""
+def resumed_config(run_id: str, uri: str, overrides: list[str]) -> DictConfig:
+    """The config run `run_id` logged, with `overrides` (those a resume may change), set to
+    continue that run in the store at `uri`."""
     # hardware=cpu (a group) means hardware.device=cpu: the options are named after devices.
     overrides = [
         o.replace("hardware=", "hardware.device=", 1) if o.startswith("hardware=") else o
-        for o in command_line_overrides()
+        for o in overrides
     ]
     other = [o for o in overrides if not o.startswith(_RESUME_MAY_CHANGE)]
     if other:

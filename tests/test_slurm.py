@@ -1,0 +1,154 @@
+"""Sweeps on a real SLURM cluster (hydra/launcher=slurm): jobs as child runs, failures, and a
+preempted job that SLURM requeues continuing its own run to the unbroken losses; and the same
+launcher's local flavour (hydra/launcher=submitit_local)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import BIN, cli_env, cnnlab, train_in_process, unavailable
+from slurm import SlurmCluster, SlurmError
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+# Every job of these sweeps: tiny data, no model logged (seconds, not minutes, per job).
+JOB = ["tracking.log_model=false", "hydra/launcher=slurm"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """One private SLURM cluster (munged, slurmctld, slurmd on loopback) for the module."""
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except SlurmError as exc:
+        unavailable("SLURM", str(exc))
+    yield cluster
+    cluster.stop()
+
+
+def test_a_slurm_sweep_is_one_parent_with_children_failures_and_a_summary(
+    slurm, tiny_overrides, tmp_path, store
+):
+    done = cnnlab(
+        "train", "-m", *tiny_overrides, *JOB, "optimizer=adam,sgd", "optimizer.lr=1e-3,3e-3,1e30",
+        cwd=tmp_path, env=cli_env(SLURM_CONF=str(slurm.conf)), timeout=600,
+    )  # fmt: skip
+    # The two lr=1e30 jobs diverge; the other four go on, and the exit status says so.
+    assert done.returncode != 0, done.stdout[-3000:]
+    assert "2 sweep job(s) failed" in done.stderr, done.stderr[-3000:]
+
+    runs = store.runs()
+    [parent] = [r for r in runs if r.data.tags.get("cnnlab.role") == "sweep"]
+    children = [r for r in runs if r is not parent]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    status = {r.info.run_name: r.info.status for r in children}
+    assert status == {
+        "optimizer=adam,optimizer.lr=0.001": "FINISHED",
+        "optimizer=adam,optimizer.lr=0.003": "FINISHED",
+        "optimizer=sgd,optimizer.lr=0.001": "FINISHED",
+        "optimizer=sgd,optimizer.lr=0.003": "FINISHED",
+        "optimizer=adam,optimizer.lr=1e+30": "FAILED",
+        "optimizer=sgd,optimizer.lr=1e+30": "FAILED",
+    }
+    assert parent.info.status == "FAILED"
+    # Each job ran as a SLURM job with the preset's cpus_per_task=1 (this machine has 2 cores),
+    # and torch followed it (hardware.threads=0).
+    assert {r.data.tags["cnnlab.threads"] for r in children} == {"1"}
+
+    local = store.client.download_artifacts(parent.info.run_id, "sweep_summary.csv", str(tmp_path))
+    rows = list(csv.DictReader(io.StringIO(Path(local).read_text())))
+    assert {r["run_name"]: r["status"] for r in rows} == status
+    assert all("NonFiniteLossError" in r["error"] for r in rows if r["status"] == "FAILED")
+
+    # Submitit's per-job logs sit in the sweep folder, one per SLURM array task.
+    [sweep_dir] = tmp_path.glob("multirun/*/*")
+    assert len(list(sweep_dir.glob(".submitit/*_*/*_log.out"))) == 6
+
+
+def test_submitit_local_runs_a_sweep_as_child_runs_without_a_cluster(
+    tiny_overrides, tmp_path, store
+):
+    # The plugin's own preset: jobs as local processes, through the same pickled launcher.
+    done = cnnlab(
+        "train", "-m", *tiny_overrides, "tracking.log_model=false", "hydra/launcher=submitit_local",
+        "train.seed=1,2", cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = store.runs()
+    [parent] = [r for r in runs if r.data.tags.get("cnnlab.role") == "sweep"]
+    children = [r for r in runs if r is not parent]
+    assert sorted(r.info.run_name for r in children) == ["train.seed=1", "train.seed=2"]
+    assert {r.info.status for r in [parent, *children]} == {"FINISHED"}
+
+
+PREEMPTED = [
+    "train.epochs=2",
+    "train.batch_size=2",
+    "train.log_every=5",
+    "tracking.log_model=false",
+]
+
+
+def test_a_preempted_job_is_requeued_and_continues_its_run_to_the_unbroken_losses(
+    slurm, tiny_data, tiny_overrides, tmp_path, store
+):
+    # The same run never interrupted, trained here: 2 epochs of 300 mini-batches, on one thread
+    # as the SLURM job (cpus_per_task=1): the losses drift apart in the 7th digit with two.
+    reference, reference_id = train_in_process(
+        tmp_path / "reference", tiny_data, *PREEMPTED, "hardware.threads=1"
+    )
+    unbroken = reference.history(reference_id, "train_loss")
+    assert len(unbroken) == 120
+
+    sweep = subprocess.Popen(
+        [BIN / "cnnlab-train", "-m", *tiny_overrides, *PREEMPTED, "hydra/launcher=slurm"],
+        cwd=tmp_path, env=cli_env(SLURM_CONF=str(slurm.conf)), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        log = wait_for_line(tmp_path, "Loss after mini-batch", sweep)
+        [job_id] = slurm.running_jobs()
+        # What SLURM sends before a job's time limit, and a preempting scheduler may send:
+        # submitit's requeue signal.
+        subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm.env, check=True, timeout=30)
+        out, err = sweep.communicate(timeout=300)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+    assert sweep.returncode == 0, err[-3000:]
+    assert slurm.job_field(job_id, "Restarts") == "1"  # SLURM ran the job a second time
+
+    text = log.read_text()
+    assert text.count("Starting with JobEnvironment") == 2  # the log kept both attempts
+    assert "this job is preempted" in text and "Requeued job" in text
+    assert "resuming at mini-batch" in text  # stopped mid-epoch, continued from there
+
+    runs = store.runs()
+    [parent] = [r for r in runs if r.data.tags.get("cnnlab.role") == "sweep"]
+    [child] = [r for r in runs if r is not parent]  # the same run, continued: not a second one
+    assert f"continuing its run {child.info.run_id}" in text
+    assert child.info.status == "FINISHED" and parent.info.status == "FINISHED"
+    assert store.history(child.info.run_id, "train_loss") == unbroken
+    assert store.history(child.info.run_id, "test_accuracy") == reference.history(
+        reference_id, "test_accuracy"
+    )
+
+
+def wait_for_line(folder: Path, text: str, sweep: subprocess.Popen, timeout: float = 180) -> Path:
+    """The submitit log under `folder` once it holds `text` (fails if the sweep ends first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert sweep.poll() is None, sweep.communicate()[1][-3000:]
+        for log in folder.glob("multirun/*/*/.submitit/*/*_log.out"):
+            if text in log.read_text(errors="replace"):
+                return log
+        time.sleep(0.1)
+    raise AssertionError(f"no {text!r} in a job's log after {timeout} s")
