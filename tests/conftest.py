@@ -1,8 +1,11 @@
 """Fixtures: a tiny synthetic dataset in the real IDX format, a fresh store per test, the
-composed real config, and a tracking server shared by the tests that need one."""
+composed real config, and the real servers shared by the tests that need them: an mlflow server
+on SQLite, and the team deployment (mlflow server on PostgreSQL 15)."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +14,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from cnnlab.cli import CONF_DIR
-from helpers import MlflowServer, Store, cli_env, data_overrides, write_dataset
+from helpers import MlflowServer, Store, cli_env, data_overrides, unavailable, write_dataset
+from postgres import PostgreSQL, PostgresUnavailable
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +67,33 @@ def mlflow_server(tmp_path_factory) -> MlflowServer:
     folder = tmp_path_factory.mktemp("mlflow-server")
     server = MlflowServer(folder, cli_env()).start()
     yield server
+    server.kill()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL 15 server for the session (per test worker), on loopback."""
+    # Not under pytest's folders: PostgreSQL runs as the OS user postgres, which must get through
+    # every folder above its data, and pytest's are private to us.
+    db = PostgreSQL(Path(tempfile.mkdtemp(prefix="cnnlab-postgres-")))
+    try:
+        db.start()
+    except PostgresUnavailable as exc:
+        db.stop()
+        shutil.rmtree(db.folder, ignore_errors=True)
+        unavailable("PostgreSQL", str(exc))
+    yield db
+    db.stop()
+    shutil.rmtree(db.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def team_server(postgres, tmp_path_factory) -> MlflowServer:
+    """The team deployment: `mlflow server --backend-store-uri postgresql://...
+    --artifacts-destination DIR --serve-artifacts --host 127.0.0.1 --port P`."""
+    folder = tmp_path_factory.mktemp("team-server")
+    server = MlflowServer(folder, cli_env(), backend_store_uri=postgres.uri)
+    yield server.start(timeout=300)  # a new database is migrated first
     server.kill()
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from cnnlab.data import FILES
@@ -209,6 +210,20 @@ class Store:
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         """(step, value) of one metric, in logging order."""
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+
+
+def assert_complete(store: Store, run, steps: list[int], epochs: int) -> None:
+    """FINISHED, with every train_loss step, the test metrics, the resume checkpoint and a
+    READY model."""
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert [step for step, _ in store.history(run_id, "train_loss")] == steps
+    for key in ("test_loss", "test_accuracy", "epoch"):
+        assert len(store.history(run_id, key)) == epochs, key
+    client = store.client
+    assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/last.pt"}
+    model_id = run.data.tags["cnnlab.model_uri"].removeprefix("models:/")
+    assert client.get_logged_model(model_id).status == LoggedModelStatus.READY
 
 
 def free_port() -> int:

@@ -1,24 +1,33 @@
-"""Sweeps on a real SLURM cluster (hydra/launcher=slurm): jobs as child runs, failures, and a
-preempted job that SLURM requeues continuing its own run to the unbroken losses; and the same
-launcher's local flavour (hydra/launcher=submitit_local)."""
+"""Sweeps on a real SLURM cluster (hydra/launcher=slurm) logging to the team server (PostgreSQL):
+jobs as child runs, failures, models loaded back, and a preempted job that SLURM requeues
+continuing its own run to the unbroken losses; and the same launcher's local flavour
+(hydra/launcher=submitit_local), with a job killed outright."""
 
 from __future__ import annotations
 
 import csv
 import io
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import BIN, cli_env, cnnlab, train_in_process, unavailable
+from helpers import (
+    BIN,
+    Store,
+    assert_complete,
+    cli_env,
+    cnnlab,
+    data_overrides,
+    train_in_process,
+    unavailable,
+)
 from slurm import SlurmCluster, SlurmError
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
-
-# Every job of these sweeps: tiny data, no model logged (seconds, not minutes, per job).
-JOB = ["tracking.log_model=false", "hydra/launcher=slurm"]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.xdist_group("slurm")]
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +42,22 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-def test_a_slurm_sweep_is_one_parent_with_children_failures_and_a_summary(
-    slurm, tiny_overrides, tmp_path, store
+def test_a_slurm_sweep_on_the_team_server_is_one_parent_with_children_failures_and_a_summary(
+    slurm, team_server, tiny_data, tiny_overrides, tmp_path
 ):
+    # The set-up of a team: jobs on the cluster, runs on the PostgreSQL-backed server.
+    on_server = [o for o in tiny_overrides if not o.startswith("tracking.uri=")]
     done = cnnlab(
-        "train", "-m", *tiny_overrides, *JOB, "optimizer=adam,sgd", "optimizer.lr=1e-3,3e-3,1e30",
+        "train", "-m", *on_server, f"tracking.uri={team_server.url}", "tracking.experiment=slurm",
+        "hydra/launcher=slurm", "optimizer=adam,sgd", "optimizer.lr=1e-3,3e-3,1e30",
         cwd=tmp_path, env=cli_env(SLURM_CONF=str(slurm.conf)), timeout=600,
     )  # fmt: skip
     # The two lr=1e30 jobs diverge; the other four go on, and the exit status says so.
     assert done.returncode != 0, done.stdout[-3000:]
     assert "2 sweep job(s) failed" in done.stderr, done.stderr[-3000:]
 
-    runs = store.runs()
+    store = Store(team_server.url)
+    runs = store.runs("slurm")
     [parent] = [r for r in runs if r.data.tags.get("cnnlab.role") == "sweep"]
     children = [r for r in runs if r is not parent]
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
@@ -58,6 +71,11 @@ def test_a_slurm_sweep_is_one_parent_with_children_failures_and_a_summary(
         "optimizer=sgd,optimizer.lr=1e+30": "FAILED",
     }
     assert parent.info.status == "FAILED"
+    # Nothing lost on the way from the nodes: every loss, the test metrics, the checkpoint and a
+    # READY model for each finished job (600 images in batches of 10, a loss every 20th).
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    for child in finished:
+        assert_complete(store, child, steps=[20, 40, 60], epochs=1)
     # Each job ran as a SLURM job with the preset's cpus_per_task=1 (this machine has 2 cores),
     # and torch followed it (hardware.threads=0).
     assert {r.data.tags["cnnlab.threads"] for r in children} == {"1"}
@@ -70,6 +88,15 @@ def test_a_slurm_sweep_is_one_parent_with_children_failures_and_a_summary(
     # Submitit's per-job logs sit in the sweep folder, one per SLURM array task.
     [sweep_dir] = tmp_path.glob("multirun/*/*")
     assert len(list(sweep_dir.glob(".submitit/*_*/*_log.out"))) == 6
+
+    # A model trained on the cluster loads through the server in another process.
+    best = parent.data.tags["cnnlab.best_run_id"]
+    evaluated = cnnlab(
+        "eval", best, f"tracking.uri={team_server.url}", *data_overrides(*tiny_data), cwd=tmp_path
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    accuracy = store.client.get_run(best).data.metrics["test_accuracy"]
+    assert f"test accuracy {accuracy:.4%}" in evaluated.stdout
 
 
 def test_submitit_local_runs_a_sweep_as_child_runs_without_a_cluster(
@@ -86,6 +113,46 @@ def test_submitit_local_runs_a_sweep_as_child_runs_without_a_cluster(
     children = [r for r in runs if r is not parent]
     assert sorted(r.info.run_name for r in children) == ["train.seed=1", "train.seed=2"]
     assert {r.info.status for r in [parent, *children]} == {"FINISHED"}
+
+
+def test_a_job_killed_outright_fails_the_sweep_in_one_line_and_closes_its_parent(
+    tiny_overrides, tmp_path, store
+):
+    # SIGKILL (the OOM killer, a node lost): the job writes no result, and submitit raises in
+    # the launching process. The sweep must not end in a traceback with its parent RUNNING.
+    sweep = subprocess.Popen(
+        [BIN / "cnnlab-train", "-m", *tiny_overrides, "tracking.log_model=false",
+         "hydra/launcher=submitit_local", "train.epochs=50", "train.seed=1"],
+        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for_line(tmp_path, "Loss after mini-batch", sweep)
+        # The launcher's child is submitit's controller; the job is the controller's child.
+        [job] = [p for c in _children(sweep.pid) for p in _children(c)]
+        assert "submitit.core._submit" in _cmdline(job)
+        os.kill(job, signal.SIGKILL)
+        out, err = sweep.communicate(timeout=120)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+    assert sweep.returncode == 1, err[-3000:]
+    assert "Traceback" not in err
+    assert (
+        err.strip().splitlines()[-1].startswith("cnnlab-train: error: the sweep's launcher failed")
+    )
+    [parent] = [r for r in store.runs() if r.data.tags.get("cnnlab.role") == "sweep"]
+    assert parent.info.status == "FAILED"
+
+
+def _children(pid: int) -> list[int]:
+    """The PIDs of `pid`'s child processes."""
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
 PREEMPTED = [

@@ -5,59 +5,27 @@ from other processes, and the database going away mid-run."""
 from __future__ import annotations
 
 import re
-import shutil
 import signal
-import tempfile
 from pathlib import Path
 
 import pytest
-from mlflow.entities import LoggedModelStatus
 from PIL import Image
 
 from helpers import (
-    MlflowServer,
     Proxy,
     Running,
     Store,
+    assert_complete,
     cli_env,
     cnnlab,
     data_overrides,
     synthetic_split,
-    unavailable,
 )
-from postgres import PostgreSQL, PostgresUnavailable
 
-pytestmark = [pytest.mark.server, pytest.mark.slow]
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.xdist_group("team-server")]
 
 USER, SECRET = "alice", "t3am-Pa55word"
 RUN_ID = re.compile(r"\(([0-9a-f]{32})\)")
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    """A PostgreSQL 15 server of the module's own, on loopback."""
-    # Not under pytest's folders: PostgreSQL runs as the OS user postgres, which must get through
-    # every folder above its data, and pytest's are private to us.
-    db = PostgreSQL(Path(tempfile.mkdtemp(prefix="cnnlab-postgres-")))
-    try:
-        db.start()
-    except PostgresUnavailable as exc:
-        db.stop()
-        shutil.rmtree(db.folder, ignore_errors=True)
-        unavailable("PostgreSQL", str(exc))
-    yield db
-    db.stop()
-    shutil.rmtree(db.folder, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def team_server(postgres, tmp_path_factory) -> MlflowServer:
-    """The team deployment: `mlflow server --backend-store-uri postgresql://...
-    --artifacts-destination DIR --serve-artifacts --host 127.0.0.1 --port P`."""
-    folder = tmp_path_factory.mktemp("team-server")
-    server = MlflowServer(folder, cli_env(), backend_store_uri=postgres.uri)
-    yield server.start(timeout=300)  # a new database is migrated first
-    server.kill()
 
 
 @pytest.fixture(scope="module")
@@ -87,20 +55,6 @@ def assert_no_secret(*texts: str, folder: Path | None = None) -> None:
     for path in folder.rglob("*") if folder else ():
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
-
-
-def assert_complete(store: Store, run, steps: list[int], epochs: int) -> None:
-    """FINISHED, with every train_loss step, the test metrics, the resume checkpoint and a
-    READY model."""
-    run_id = run.info.run_id
-    assert run.info.status == "FINISHED"
-    assert [step for step, _ in store.history(run_id, "train_loss")] == steps
-    for key in ("test_loss", "test_accuracy", "epoch"):
-        assert len(store.history(run_id, key)) == epochs, key
-    client = store.client
-    assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/last.pt"}
-    model_id = run.data.tags["cnnlab.model_uri"].removeprefix("models:/")
-    assert client.get_logged_model(model_id).status == LoggedModelStatus.READY
 
 
 def test_a_parallel_sweep_through_the_password_proxy_lands_whole(

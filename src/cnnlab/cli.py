@@ -16,7 +16,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from cnnlab import CnnlabError, interrupts, schema, sweep
+from cnnlab import CnnlabError, interrupts, one_line, schema, sweep
 from cnnlab.tracking import move_credentials_to_env, resolve_uri
 
 # An installed wheel carries conf/ inside the package; a source checkout (pip install -e) reads
@@ -100,7 +100,17 @@ def run_cli(prog: str, hydra_task: Callable[[], Any]) -> None:
         print(f"{prog}: interrupted; an open run is marked KILLED", file=sys.stderr)
         sys.exit(interrupts.exit_status(exc))
     except CnnlabError as exc:
+        sweep.end_open_parent("FAILED")
         sys.exit(f"{prog}: error: {exc}")
+    except Exception as exc:
+        # A launcher's own failure mid-sweep (submitit's UncompletedJobError for a job SLURM
+        # cancelled, a Ray node lost): the parent is closed FAILED, not left RUNNING.
+        if not sweep.end_open_parent("FAILED"):
+            raise
+        sys.exit(
+            f"{prog}: error: the sweep's launcher failed: {one_line(exc)}; the sweep's "
+            "parent run is marked FAILED, its finished jobs' runs are kept"
+        )
 
 
 class _Parser(argparse.ArgumentParser):

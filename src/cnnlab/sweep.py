@@ -118,12 +118,15 @@ class SweepCallback(Callback):
         print(f"; summary in parent run {parent.run_id}")
 
 
-def end_open_parent(status: str) -> None:
-    """Close the parent run of this process's sweep if it is still open (idempotent)."""
+def end_open_parent(status: str) -> bool:
+    """Close the parent run of this process's sweep if it is still open (idempotent); whether
+    there was one."""
     global _open_parent
-    if _open_parent is not None:
-        parent, _open_parent = _open_parent, None
-        parent.end(status)
+    if _open_parent is None:
+        return False
+    parent, _open_parent = _open_parent, None
+    parent.end(status)
+    return True
 
 
 def record_failure(exc: BaseException) -> None:
