@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -25,6 +26,12 @@ _PACKAGED_CONF = Path(__file__).with_name("conf")
 CONF_DIR = str(_PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).parents[2] / "conf")
 
 schema.register()  # conf/*.yaml extend the typed schemas: every command composes with them
+# Where hydra-ray-launcher is installed, conf/hydra/launcher/ray.yaml shadows its preset of the
+# same name on purpose; Hydra 1.3 then merges the file onto the plugin's schema and warns on
+# every run that such matching is deprecated. The file carries all its keys itself.
+warnings.filterwarnings(
+    "ignore", r"\s*'hydra/launcher/ray' is validated against ConfigStore schema", UserWarning
+)
 
 
 def launch_dir() -> Path:
@@ -99,7 +106,7 @@ def run_cli(prog: str, hydra_task: Callable[[], Any]) -> None:
         sweep.end_open_parent("KILLED")
         print(f"{prog}: interrupted; an open run is marked KILLED", file=sys.stderr)
         sys.exit(interrupts.exit_status(exc))
-    except CnnlabError as exc:
+    except CnnlabError as exc:  # e.g. a launcher that can't reach its cluster
         sweep.end_open_parent("FAILED")
         sys.exit(f"{prog}: error: {exc}")
     except Exception as exc:
