@@ -22,14 +22,19 @@ import pytest
 from helpers import Running, Store, cli_env, cnnlab, free_port, one_error_line, unavailable
 from ray_head import RayHead
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.xdist_group("ray")]
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A 2-CPU Ray head for the module; its workers start in a folder of their own."""
+    """A 2-CPU Ray head for the module; its workers start in a folder of their own.
+
+    With OMP_NUM_THREADS=2 its workers' torch would take 2 threads by default (Ray sets the
+    variable only where it is unset): a job given 1 CPU must still train on 1.
+    """
+    env = cli_env(OMP_NUM_THREADS="2")
     try:
-        head = RayHead(tmp_path_factory.mktemp("ray-head"), num_cpus=2, env=cli_env()).start()
+        head = RayHead(tmp_path_factory.mktemp("ray-head"), num_cpus=2, env=env).start()
     except (RuntimeError, OSError) as exc:
         unavailable("Ray", str(exc))
     yield head
@@ -131,8 +136,10 @@ def test_a_job_whose_ray_worker_dies_fails_and_the_sweep_goes_on(ray_head, launc
          "hydra.launcher.ray.remote.num_cpus=2", "train.epochs=3", "train.seed=1,2"],
         cwd=folder, env=cli_env(PYTHONUNBUFFERED="1"),
     )  # fmt: skip
-    # Ray prefixes a job's lines with its worker's pid; the jobs run one after the other.
-    first = sweep.wait_for("(cnnlab_job pid=")
+    # Ray prefixes a job's lines with its worker's pid; the jobs run one after the other. The
+    # first is killed once its run exists.
+    while "Starting epoch" not in (first := sweep.wait_for("(cnnlab_job pid=")):
+        pass
     os.kill(int(first.split("pid=", 1)[1].split(")", 1)[0]), signal.SIGKILL)
     code, stderr = sweep.finish(timeout=300)
 
@@ -141,7 +148,11 @@ def test_a_job_whose_ray_worker_dies_fails_and_the_sweep_goes_on(ray_head, launc
     assert last.startswith("cnnlab-train: error: 1 sweep job(s) failed: #"), stderr[-3000:]
     assert "its Ray worker died" in stderr
     parent, children = family(Store(f"sqlite:///{folder / 'mlflow.db'}"))
-    assert "FINISHED" in {r.info.status for r in children}  # the other job ran after it
+    # The other job ran after it; the killed job's run, which nobody was left to end, is
+    # closed FAILED with the reason, not left RUNNING.
+    assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED"]
+    [lost] = [r for r in children if r.info.status == "FAILED"]
+    assert "its Ray worker died" in lost.data.tags["cnnlab.error"]
     assert parent.info.status == "FAILED" and "cnnlab.best_run_id" in parent.data.tags
 
 

@@ -12,6 +12,7 @@ one worker, Adam, a .item() per step.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -528,30 +529,34 @@ def parallel_probe() -> None:
 
 
 def section_sweep(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
-    """A 4-job sweep (1 epoch each, tracked) on each launcher: wall time, and what each engine
-    adds per job beyond the job's own run (submission, process start-up, imports, the store).
+    """A 4-job sweep (1 epoch each, tracked) on each launcher: wall time, split into what the
+    engine costs once and what it costs per job beyond the job's own run.
 
-    `overhead/job` = (wall x slots - the runs' summed durations) / jobs, where a run's duration
-    is its MLflow start to end (data, training, logging) and `slots` the jobs the engine runs
-    at once here: slot-seconds each job costs that are not its run. SLURM is measured where a
-    cluster answers `sinfo` (e.g. the loopback one `python tests/slurm.py start DIR` starts);
-    Ray starts a local instance unless bench.ray_address names a running head.
+    From the child runs' MLflow start and end: `start-up` = command start to the first run's
+    start (imports, compose, parent run, starting or joining the engine, submission, the first
+    job's process, its data); `tail` = the last run's end to the command's exit (summary,
+    engine shutdown); `per job` = ((last end - first start) x slots - the runs' summed time) /
+    jobs: the slot-seconds each later job spends outside its run (a process, imports, data).
+    SLURM is measured where a cluster answers `sinfo` (e.g. `python tests/slurm.py start DIR`);
+    Ray starts a Ray of its own unless bench.ray_address names a running head.
     """
-    jobs, cores = 4, os.cpu_count() or 1
-    slots = min(2, cores)
+    jobs, slots = 4, min(2, os.cpu_count() or 1)
     ray_address = cfg.bench.ray_address
+    ray_slots = _ray_cpus(ray_address) if ray_address else slots
     engines = {
         "basic": ([], 1),
         "joblib": (["hydra/launcher=joblib", f"hydra.launcher.n_jobs={slots}"], slots),
         "slurm": (["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1"], slots),
         "ray": (
-            ["hydra/launcher=ray", f"hydra.launcher.ray.init.address={ray_address or 'null'}"]
-            + ([] if ray_address else [f"+hydra.launcher.ray.init.num_cpus={slots}"]),
-            slots,
+            [f"hydra.launcher.ray.init.address={ray_address}"] if ray_address else
+            # "local": a new Ray even where $RAY_ADDRESS or a `ray start` cluster exists
+            ["hydra.launcher.ray.init.address=local", f"+hydra.launcher.ray.init.num_cpus={slots}"],
+            ray_slots,
         ),
-    }
+    }  # fmt: skip
+    engines["ray"][0].insert(0, "hydra/launcher=ray")
     missing = {name: why for name in engines if (why := _engine_missing(name))}
-    stats: dict[str, list[tuple[float, float, float]]] = {name: [] for name in engines}
+    stats: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in engines}
 
     def sweep(name: str) -> Callable[[], float]:
         def measure() -> float:
@@ -568,11 +573,13 @@ def section_sweep(cfg: DictConfig, data: Dataset, device: torch.device) -> list[
             wall = time.time() - start
             if done.returncode:
                 raise CnnlabError(f"the {name} sweep failed: {done.stderr.strip()[-500:]}")
-            children = sweep_children(uri, "cnnlab")
-            runs = sum(c["end"] - c["start"] for c in children if c["end"])
-            first = min(c["start"] for c in children) - start
-            overhead = (wall * engines[name][1] - runs) / jobs
-            stats[name].append((first, runs / jobs, overhead))
+            runs = [(c["start"], c["end"]) for c in sweep_children(uri, "cnnlab") if c["end"]]
+            if len(runs) != jobs:
+                raise CnnlabError(f"the {name} sweep logged {len(runs)} finished runs of {jobs}")
+            first, last = min(s for s, _ in runs), max(e for _, e in runs)
+            in_runs = sum(e - s for s, e in runs)
+            per_job = ((last - first) * engines[name][1] - in_runs) / jobs
+            stats[name].append((first - start, in_runs / jobs, per_job, start + wall - last))
             return wall
 
         return measure
@@ -580,30 +587,37 @@ def section_sweep(cfg: DictConfig, data: Dataset, device: torch.device) -> list[
     available = [name for name in engines if name not in missing]
     seconds = alternate(cfg.bench.rounds, {name: sweep(name) for name in available})
     lines = [
-        f"Sweep of {jobs} jobs (1 epoch each, tracked), per launcher ({slots} slots where "
-        "parallel):",
-        "  launcher  slots     wall  first job starts  mean run  overhead/job",
+        f"Sweep of {jobs} jobs (1 epoch each, tracked), per launcher; seconds:",
+        "  launcher  slots    wall  start-up  mean run  per job  tail",
     ]
     for name in engines:
         if name in missing:
             lines.append(f"  {name:<8}  not measured: {missing[name]}")
             continue
-        first, run, overhead = (statistics.median(s) for s in zip(*stats[name], strict=True))
+        first, run, per_job, tail = (statistics.median(s) for s in zip(*stats[name], strict=True))
         lines.append(
-            f"  {name:<8}  {engines[name][1]:>5}  {seconds.median(name):6.1f} s  "
-            f"{first:12.1f} s  {run:6.1f} s  {overhead:9.1f} s"
+            f"  {name:<8}  {engines[name][1]:>5}  {seconds.median(name):6.1f}  {first:8.1f}  "
+            f"{run:8.1f}  {per_job:7.1f}  {tail:4.1f}"
         )
     return lines
 
 
+def _ray_cpus(address: str) -> int:
+    """The CPUs of the Ray cluster at `address`: the jobs it runs at once (1 CPU each)."""
+    import ray  # only for this question; cnnlab-bench does not need Ray otherwise
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    try:
+        return int(ray.cluster_resources().get("CPU", 1))
+    finally:
+        ray.shutdown()
+
+
 def _engine_missing(name: str) -> str | None:
     """Why launcher `name` can't be measured here, or None."""
-    if name in ("slurm", "ray"):
-        plugin = "hydra_submitit_launcher" if name == "slurm" else "hydra_ray_launcher"
-        try:
-            __import__(f"hydra_plugins.{plugin}")
-        except ImportError:
-            return "its launcher plugin is not installed: pip install -e '.[cluster]'"
+    needs = {"slurm": "hydra_plugins.hydra_submitit_launcher", "ray": "ray"}
+    if name in needs and importlib.util.find_spec(needs[name]) is None:
+        return "not installed: pip install -e '.[cluster]'"
     if name == "slurm":
         try:
             state = subprocess.run(

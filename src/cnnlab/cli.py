@@ -26,11 +26,14 @@ _PACKAGED_CONF = Path(__file__).with_name("conf")
 CONF_DIR = str(_PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).parents[2] / "conf")
 
 schema.register()  # conf/*.yaml extend the typed schemas: every command composes with them
-# Where hydra-ray-launcher is installed, conf/hydra/launcher/ray.yaml shadows its preset of the
-# same name on purpose; Hydra 1.3 then merges the file onto the plugin's schema and warns on
-# every run that such matching is deprecated. The file carries all its keys itself.
+# conf/hydra/launcher/submitit_local.yaml (and ray.yaml, where hydra-ray-launcher is installed)
+# shadow the plugins' presets of the same names on purpose; Hydra 1.3 then merges each file onto
+# the plugin's schema and warns on every run that such matching is deprecated. The files carry
+# all their keys themselves.
 warnings.filterwarnings(
-    "ignore", r"\s*'hydra/launcher/ray' is validated against ConfigStore schema", UserWarning
+    "ignore",
+    r"\s*'hydra/launcher/(ray|submitit_local)' is validated against ConfigStore schema",
+    UserWarning,
 )
 
 

@@ -57,4 +57,8 @@ def allotted_cpus() -> int | None:
             if cpus:
                 return max(1, int(cpus))
     slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    return int(slurm) if slurm.isdigit() and int(slurm) > 0 else None
+    if not slurm.isdigit() or int(slurm) == 0:
+        return None
+    # At most torch's default: a joblib worker inside an allocation shares its CPUs (loky set
+    # OMP_NUM_THREADS = cores // jobs, which that default follows).
+    return min(int(slurm), _DEFAULT_THREADS)

@@ -6,13 +6,15 @@ closing code marks it KILLED. Two stretches handle the first signal more gently:
 `stop_requests` (training stops after the current mini-batch, to checkpoint) and `deferred`
 (the run's last writes are being delivered). A second signal always stops at once.
 
-SIGUSR1/SIGUSR2 are taken over the same way when a library already handles them: submitit, which
-runs SLURM jobs, requeues its job on SIGUSR2 (preemption, or the time limit drawing near). The
-run stops as on SIGTERM, resumable, and once it is closed the signal goes on to that handler.
+In a job submitit runs (SLURM, hydra/launcher=slurm), its preemption signal (SIGUSR2, or
+$SUBMITIT_PREEMPT_SIGNAL: preemption, or the time limit drawing near) is taken over the same
+way: the run stops as on SIGTERM, resumable, and once it is closed the signal goes on to
+submitit's handler, which requeues the job.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -21,7 +23,7 @@ from contextlib import contextmanager
 from typing import Any
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-HANDED_ON = (signal.SIGUSR1, signal.SIGUSR2)  # taken over only from a Python handler
+HANDED_ON = (signal.SIGUSR1, signal.SIGUSR2)  # submitit's preemption signal is one of them
 
 
 class Terminated(KeyboardInterrupt):
@@ -34,9 +36,12 @@ class Terminated(KeyboardInterrupt):
 
 _mode: list[str] = ["raise"]  # innermost last: raise | graceful | defer
 _received: list[int] = []  # signals held back by the innermost gentle stretch
+_handed_on: list[int] = []  # HANDED_ON signals received: passed on once the run is closed
 
 
 def _handler(signum: int, frame: Any) -> None:
+    if signum in HANDED_ON:  # even if a later SIGTERM is what stops the run
+        _handed_on.append(signum)
     if _mode[-1] == "raise" or _received:
         raise Terminated(signum)
     _received.append(signum)
@@ -51,8 +56,8 @@ def _handler(signum: int, frame: Any) -> None:
 def handled() -> Iterator[None]:
     """Within: SIGINT, SIGTERM and SIGHUP raise Terminated (only the main thread gets them).
 
-    So do SIGUSR1 and SIGUSR2 where a Python handler had them; a run they stop is closed first,
-    then that handler gets the signal (submitit then requeues the job and exits).
+    So does submitit's preemption signal in a job submitit runs; a run it stops is closed
+    first, then submitit's handler gets the signal (it requeues the job and exits).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -61,22 +66,28 @@ def handled() -> Iterator[None]:
     for sig in SIGNALS:
         if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
             previous[sig] = signal.signal(sig, _handler)
-    for sig in HANDED_ON:
-        if callable(signal.getsignal(sig)):  # not SIG_DFL: that would kill a plain process
-            previous[sig] = signal.signal(sig, _handler)
-    stopped_by = None
+    preemption = _submitit_signal()
+    if preemption is not None and callable(signal.getsignal(preemption)):
+        previous[preemption] = signal.signal(preemption, _handler)
+    _handed_on.clear()
     try:
         yield
-    except Terminated as stop:
-        stopped_by = stop.signum
-        raise
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-        if stopped_by in HANDED_ON and stopped_by in previous:
-            # Its handler runs here, now that the run is closed; whatever it raises (submitit:
-            # SystemExit after requeueing) replaces Terminated.
-            signal.raise_signal(stopped_by)
+        if _handed_on:
+            # Submitit's handler runs here, now that the run is closed; what it raises
+            # (SystemExit after requeueing) replaces Terminated.
+            signal.raise_signal(_handed_on.pop())
+
+
+def _submitit_signal() -> int | None:
+    """The signal submitit requeues this job on, if submitit runs it (it sets SUBMITIT_*)."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    sig = getattr(signal, f"SIG{name.removeprefix('SIG')}", None)
+    return sig if sig in HANDED_ON else None
 
 
 @contextmanager

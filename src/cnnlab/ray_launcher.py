@@ -19,7 +19,6 @@ What else cnnlab's jobs need:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import sys
@@ -33,7 +32,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import (
     JobReturn,
-    JobStatus,
     configure_log,
     filter_overrides,
     run_job,
@@ -44,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ray._private.services import canonicalize_bootstrap_address
 
 from cnnlab import CnnlabError, one_line
-from cnnlab.sweep import BASIC_SWEEPER, FAILED_MARK
+from cnnlab.sweep import lost_job
 
 if TYPE_CHECKING:
     from hydra_plugins.cnnlab_ray_launcher import CnnlabRayLauncher
@@ -84,14 +82,12 @@ def launch(
             str(Path.cwd()), cnnlab_environment(os.environ), launcher.hydra_context, config,
             launcher.task_function, Singleton.get_state(),
         )  # fmt: skip
-        launched.append((num, overrides, ref))
+        launched.append((config, overrides, ref))
     # Ray forwards the jobs' output with a lag, and would print its last lines after the sweep's
     # summary and cnnlab's error line, or drop them at exit: wait for them, then disconnect (a
     # Ray started here stops; a search sweeper's next batch starts or joins one again).
     try:
-        # The basic sweeper aborts on a failed result; a search sweeper records a failed trial.
-        nan = launcher.config.hydra.sweeper._target_ == BASIC_SWEEPER
-        results = [job_return(num, ovr, ref, sweep_dir, nan) for num, ovr, ref in launched]
+        results = [job_return(config, ovr, ref) for config, ovr, ref in launched]
         time.sleep(LOG_LAG)
     except KeyboardInterrupt:
         # Ctrl-C: Ray would kill the jobs when this process leaves, their runs left RUNNING.
@@ -201,22 +197,12 @@ def cnnlab_job(
         set_cnnlab_environment(worker_env)
 
 
-def job_return(
-    num: int, overrides: Sequence[str], ref: Any, sweep_dir: Path, nan_if_lost: bool
-) -> JobReturn:
-    """The job's result; for a job Ray could not run or finish, a failure mark and a failed
-    result (NaN if `nan_if_lost`, as a failed job returns under the basic sweeper)."""
+def job_return(config: DictConfig, overrides: Sequence[str], ref: Any) -> JobReturn:
+    """The job's result; for a job Ray could not run or finish, a lost job's (sweep.lost_job)."""
     try:
         return ray.get(ref)
     except ray.exceptions.RayError as exc:  # an error in the job itself is in its JobReturn
-        error = why_lost(exc)
-        mark = sweep_dir / FAILED_MARK.format(num=num)
-        mark.write_text(f"#{num} {' '.join(overrides)}\n{error}\n")
-        print(f"cnnlab-train: job #{num} failed: {error}", file=sys.stderr)
-        if nan_if_lost:
-            return JobReturn(list(overrides), status=JobStatus.COMPLETED, _return_value=math.nan)
-        failed = RuntimeError(error)  # what Optuna records as the trial's failure
-        return JobReturn(list(overrides), status=JobStatus.FAILED, _return_value=failed)
+        return lost_job(config, overrides, why_lost(exc))
 
 
 def why_lost(exc: ray.exceptions.RayError) -> str:

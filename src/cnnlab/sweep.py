@@ -15,11 +15,14 @@ import csv
 import io
 import json
 import math
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -215,19 +218,43 @@ def requeued_run(uri: str, spool: Path) -> str | None:
     record = json.loads(run_file.read_text())
     if record["parent_run_id"] != sweep_record["parent_run_id"]:
         return None  # left by another sweep into the same folder: not this job's
+    # Attached first: a checkpoint the store could not take before the job stopped waits in
+    # the spool, and attaching delivers it.
+    run = attach_run(uri, record["run_id"], spool)
     # (What train.resumed_run continues from.)
     status, has_checkpoint = run_state(uri, record["run_id"], "checkpoints/last.pt")
     if status == "FINISHED":
         return None
     if not has_checkpoint:
-        stale = attach_run(uri, record["run_id"], spool)
-        stale.set_tags(
-            {"cnnlab.error": "stopped before its first checkpoint; requeued as a new run"}
-        )
-        stale.end("KILLED")
+        run.set_tags({"cnnlab.error": "stopped before its first checkpoint; requeued as a new run"})
+        run.end("KILLED")
         return None
     print(f"Requeued job: continuing its run {record['run_id']}")
     return record["run_id"]
+
+
+def lost_job(config: DictConfig, overrides: Sequence[str], error: str) -> JobReturn:
+    """The result of a job whose process died without one (SIGKILL, out of memory, its node
+    lost), as a launcher reports it: a failure mark, the job's run (if it opened one) closed
+    FAILED with `error`, and a failed result: NaN under the basic sweeper, which would abort
+    the sweep on a raised error, else the error (a search sweeper records a failed trial)."""
+    sweep_dir = Path(config.hydra.sweep.dir)
+    num = config.hydra.job.num
+    mark = sweep_dir / FAILED_MARK.format(num=num)
+    mark.write_text(f"#{num} {' '.join(overrides)}\n{error}\n")
+    print(f"cnnlab-train: job #{num} failed: {error}", file=sys.stderr)
+    run_file = sweep_dir / str(config.hydra.sweep.subdir) / RUN_FILE
+    sweep_file = sweep_dir / SWEEP_FILE
+    if run_file.exists() and sweep_file.exists():
+        uri = json.loads(sweep_file.read_text())["uri"]
+        run_id = json.loads(run_file.read_text())["run_id"]
+        run = attach_run(uri, run_id, Path.cwd() / config.tracking.pending_dir)
+        if run.status() == "RUNNING":  # nobody is left to end it
+            run.set_tags({"cnnlab.error": error[:5000]})
+            run.end("FAILED")
+    if config.hydra.sweeper._target_ == BASIC_SWEEPER:
+        return JobReturn(list(overrides), status=JobStatus.COMPLETED, _return_value=math.nan)
+    return JobReturn(list(overrides), status=JobStatus.FAILED, _return_value=RuntimeError(error))
 
 
 def nan_for_a_failed_job() -> bool:

@@ -58,8 +58,8 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
         if run_id := requeued_run(uri, launch_path(cfg.tracking.pending_dir)):
             cfg = resumed_config(run_id, uri, overrides=[])
     schema.validate(cfg)
-    # hardware.threads=0 keeps torch's default, which in a joblib launcher's worker is already
-    # cores // parallel jobs: joblib's loky workers start with OMP_NUM_THREADS set to it.
+    # hardware.threads=0: the CPUs a Ray task or SLURM job was given, else torch's default (in
+    # a joblib worker cores // parallel jobs: loky starts workers with OMP_NUM_THREADS so).
     device = setup_hardware(cfg.hardware)
 
     data = load_dataset(**{**cfg.data, "root": str(launch_path(cfg.data.root))})
