@@ -5,8 +5,10 @@ front of it that can hang or ask for a password, as a sick or protected team ser
 from __future__ import annotations
 
 import base64
+import codecs
 import gzip
 import hashlib
+import io
 import os
 import resource
 import select
@@ -26,6 +28,7 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from cnnlab.data import FILES
+from procs import free_port, stop_group, wait_until  # free_port: tests import it from here
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data"  # real MNIST beside the checkout (CI, benchmarks)
@@ -35,8 +38,8 @@ BIN = Path(sys.executable).parent  # console scripts of the environment running 
 def unavailable(component: str, why: str):
     """Skip a test whose real component (SLURM, Ray, PostgreSQL) cannot start on this machine;
     under CI (CI set) fail instead: `.ci/run` installs every component, so a skip there would
-    hide a broken set-up."""
-    if os.environ.get("CI"):
+    hide a broken set-up. CI=0, false or no counts as unset."""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
         pytest.fail(f"{component} is required in CI but could not start: {why}")
     pytest.skip(f"{component} unavailable here: {why}")
 
@@ -130,7 +133,11 @@ def train_in_process(folder: Path, tiny_data, *overrides: str) -> tuple[Store, s
 
 
 class Running:
-    """cnnlab-train started in the background; `wait_for` reads its stdout up to a line."""
+    """cnnlab-train started in the background; `wait_for` reads its stdout up to a line.
+
+    `wait_for` reads the pipe itself (select, then os.read), so that it can give up at a
+    deadline, and decodes as the pipe's text stream would (universal newlines).
+    """
 
     def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
@@ -139,19 +146,55 @@ class Running:
         )  # fmt: skip
         self.lines: list[str] = []
         self.times: dict[str, float] = {}
+        stdout = self.proc.stdout
+        decoder = codecs.getincrementaldecoder(stdout.encoding)(errors=stdout.errors)
+        self._decoder = io.IncrementalNewlineDecoder(decoder, translate=True)
+        self._partial = ""  # read from the pipe, not yet a whole line
 
-    def wait_for(self, prefix: str) -> str:
-        """Read stdout until a line starts with `prefix`; that line (fails if the run ends)."""
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if line.startswith(prefix):
-                self.times[prefix] = time.monotonic()
-                return line
-        raise AssertionError(f"no line {prefix!r}; stderr: {self.proc.stderr.read()[-3000:]}")
+    def wait_for(self, prefix: str, timeout: float = 120) -> str:
+        """Read stdout until a line starts with `prefix`; that line. Fails, with the lines seen
+        so far and stderr, if the run ends first or no such line comes within `timeout` s (the
+        process is killed then)."""
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while True:
+            while "\n" in self._partial:
+                line, _, self._partial = self._partial.partition("\n")
+                self.lines.append(line + "\n")
+                if line.startswith(prefix):
+                    self.times[prefix] = time.monotonic()
+                    return line + "\n"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.proc.kill()
+                raise self._failure(f"no line {prefix!r} within {timeout:.0f} s (killed)")
+            if not select.select([fd], [], [], left)[0]:
+                continue
+            chunk = os.read(fd, 65536)
+            self._partial += self._decoder.decode(chunk, final=not chunk)
+            if not chunk:  # the end of stdout: the run ended
+                line, self._partial = self._partial, ""
+                if line:
+                    self.lines.append(line)
+                    if line.startswith(prefix):
+                        self.times[prefix] = time.monotonic()
+                        return line
+                raise self._failure(f"no line {prefix!r}")
+
+    def _failure(self, why: str) -> AssertionError:
+        """`why`, the stdout seen and the end of stderr (read for at most 30 s)."""
+        try:
+            out, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # something still holds the pipes open
+            out, err = "", "(unread: the pipe is still open)"
+        seen = "".join(self.lines) + self._partial + out
+        return AssertionError(f"{why}; stdout: {seen[-3000:]}; stderr: {err[-3000:]}")
 
     def finish(self, timeout: float = 240) -> tuple[int, str]:
         """(exit status, stderr) once the process ends; stdout lines are kept in `lines`."""
         out, err = self.proc.communicate(timeout=timeout)
+        out = self._partial + self._decoder.decode(b"", final=True) + out
+        self._partial = ""
         self.lines += out.splitlines(keepends=True)
         self.times["end"] = time.monotonic()
         return self.proc.returncode, err
@@ -226,24 +269,21 @@ def assert_complete(store: Store, run, steps: list[int], epochs: int) -> None:
     assert client.get_logged_model(model_id).status == LoggedModelStatus.READY
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on at the moment."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def wait_healthy(
+    url: str, timeout: float = 120, alive=lambda: True, log: Path | None = None
+) -> None:
+    """Return once `url`/health answers 200; RuntimeError (with `log`'s tail) after `timeout` s
+    or once `alive()` is False."""
 
-
-def wait_healthy(url: str, timeout: float = 120, alive=lambda: True) -> None:
-    """Return once `url`/health answers 200; fail after `timeout` s or when `alive()` is False."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def healthy() -> bool:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return
+                return True
         except OSError:
-            if not alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not become healthy") from None
-            time.sleep(0.25)
+            return False
+
+    wait_until(healthy, f"{url} did not become healthy", timeout, alive=alive, log=log,
+               interval=0.25)  # fmt: skip
 
 
 class MlflowServer:
@@ -275,32 +315,17 @@ class MlflowServer:
                 cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                 start_new_session=True,
             )  # fmt: skip
-        wait_healthy(self.url, timeout, alive=lambda: self.proc.poll() is None)
+        proc = self.proc
+        wait_healthy(self.url, timeout, alive=lambda: proc.poll() is None,
+                     log=self.folder / "server.log")  # fmt: skip
         return self
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send `sig` to the server and its workers; wait until they are gone."""
         if self.proc is None:
             return
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=60)
-        deadline = time.monotonic() + 30
-        while _group_alive(self.proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _group_alive(self.proc.pid):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_group(self.proc, sig, timeout=90)  # SIGKILL to what is left after 90 s
         self.proc = None
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
 
 
 class Proxy:

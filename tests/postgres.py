@@ -16,13 +16,12 @@ import os
 import pwd
 import secrets
 import signal
-import socket
 import stat
 import subprocess
 import sys
-import time
-from contextlib import suppress
 from pathlib import Path
+
+from procs import free_port, stop_group, wait_until
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15 package
 STATE = "cnnlab-postgres.json"  # port and credentials: `stop`, and a later `start`, read them
@@ -54,7 +53,7 @@ class PostgreSQL:
         if state.exists():
             saved = json.loads(state.read_text())
         else:
-            saved = {"port": _free_port(), "user": user, "database": database,
+            saved = {"port": free_port(), "user": user, "database": database,
                      "password": secrets.token_urlsafe(16)}  # fmt: skip
         self.port, self.user = saved["port"], saved["user"]
         self.database, self.password = saved["database"], saved["password"]
@@ -82,12 +81,14 @@ class PostgreSQL:
                 cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 **_as_owner(),
             )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while not self._ready():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise PostgresUnavailable(f"PostgreSQL did not start: {self._log_tail()}")
-            time.sleep(0.1)
+        proc = self.proc
+        try:
+            wait_until(self._ready, "PostgreSQL did not start", timeout,
+                       alive=lambda: proc.poll() is None, log=self.folder / "postgres.log",
+                       error=PostgresUnavailable)  # fmt: skip
+        except PostgresUnavailable:
+            self.stop()
+            raise
         if new:
             self._psql(
                 f"CREATE ROLE {self.user} LOGIN PASSWORD '{self.password}'",
@@ -97,19 +98,12 @@ class PostgreSQL:
 
     def stop(self, timeout: float = 30) -> None:
         """Shut the server down by its PID: fast shutdown (SIGINT), SIGKILL past `timeout` s."""
-        pid = self.proc.pid if self.proc is not None else self._postmaster_pid()
-        if pid is None:
+        target = self.proc if self.proc is not None else self._postmaster_pid()
+        if target is None:
             return
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGINT)  # fast: ends open sessions, writes a checkpoint, exits
-        deadline = time.monotonic() + timeout
-        while _alive(pid, self.proc) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _alive(pid, self.proc):
-            with suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-        if self.proc is not None:
-            self.proc.wait(timeout=10)
+        # SIGINT, fast shutdown: ends open sessions, writes a checkpoint, exits. The postmaster
+        # stops its backends itself; SIGKILL, if it comes to that, goes to its whole group.
+        stop_group(target, signal.SIGINT, timeout, leader_only=True, kill_timeout=10)
         self.proc = None
 
     def dump(self) -> str:
@@ -172,13 +166,6 @@ class PostgreSQL:
             return None
         return pid if b"postgres" in cmdline else None
 
-    def _log_tail(self) -> str:
-        try:
-            lines = (self.folder / "postgres.log").read_text(errors="replace").splitlines()
-        except OSError:
-            return "no log"
-        return " | ".join(lines[-5:]) or "no log"
-
 
 def _owner() -> pwd.struct_passwd | None:
     """The OS user PostgreSQL runs as: `postgres` when we are root, else ourselves (None)."""
@@ -211,22 +198,6 @@ def _check_reachable_by(owner: pwd.struct_passwd, folder: Path) -> None:
                 f"the OS user postgres cannot reach {folder}: {parent} lets nobody else through; "
                 "use a folder under /tmp"
             )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _alive(pid: int, proc: subprocess.Popen | None) -> bool:
-    if proc is not None:
-        return proc.poll() is None
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def main(argv: list[str]) -> int:

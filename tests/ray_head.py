@@ -13,16 +13,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from helpers import BIN, free_port
+from procs import free_port, stop_group, wait_until
 
+BIN = Path(sys.executable).parent  # `ray` of the environment running this (helpers.BIN)
 STATE = "ray-head.json"  # in DIR: what `stop` needs once `start` has exited
 READY = "Ray runtime started"  # what `ray start` prints once the head's processes are up
 
@@ -82,13 +81,14 @@ class RayHead:
                 stdin=subprocess.DEVNULL, env=env, start_new_session=True,
             )  # fmt: skip
         self.pgid = self._proc.pid
-        deadline = time.monotonic() + timeout
-        while not (READY in self.log.read_text() and self._accepts()):
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                tail = " | ".join(self.log.read_text().strip().splitlines()[-5:])
-                self.stop()
-                raise RuntimeError(f"`ray start --head` did not come up: {tail}")
-            time.sleep(0.25)
+        proc = self._proc
+        try:
+            wait_until(lambda: READY in self.log.read_text() and self._accepts(),
+                       "`ray start --head` did not come up", timeout,
+                       alive=lambda: proc.poll() is None, log=self.log, interval=0.25)  # fmt: skip
+        except RuntimeError:
+            self.stop()
+            raise
         return self
 
     def _accepts(self) -> bool:
@@ -103,34 +103,10 @@ class RayHead:
         SIGKILL to what is left after `timeout` s; remove the temp dir."""
         if self.pgid is None:
             return
-        _signal_group(self.pgid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _group_alive(self.pgid, self._proc) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _group_alive(self.pgid, self._proc):
-            _signal_group(self.pgid, signal.SIGKILL)
-            time.sleep(0.5)
-            _group_alive(self.pgid, self._proc)  # reaps the leader
+        stop_group(self._proc if self._proc is not None else self.pgid, timeout=timeout)
         self.pgid = self._proc = None
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _group_alive(pgid: int, leader: subprocess.Popen | None) -> bool:
-    if leader is not None:
-        leader.poll()  # a dead leader left unreaped (a zombie) would keep the group "alive"
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
 
 
 def main(argv: list[str]) -> None:

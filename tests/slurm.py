@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from procs import alive, free_port, log_tail, stop_group, wait_until
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 NODE = "localhost"  # slurmctld accepts SlurmctldHost=localhost on any machine's name
@@ -27,13 +27,6 @@ NODE = "localhost"  # slurmctld accepts SlurmctldHost=localhost on any machine's
 
 class SlurmError(RuntimeError):
     """The cluster cannot start here (binaries missing, a daemon died, the node never idle)."""
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on at the moment."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _real_memory_mb() -> int:
@@ -87,7 +80,7 @@ class SlurmCluster:
 
     def stop(self, timeout: float = 15) -> None:
         """Cancel every job, then SIGTERM each daemon by PID (SIGKILL after `timeout` s)."""
-        if self.pids.get("slurmctld") and _alive(self.pids["slurmctld"]):
+        if self.pids.get("slurmctld") and alive(self.pids["slurmctld"]):
             subprocess.run(["scancel", "--full", "--user", str(os.getuid())], env=self.env,
                            capture_output=True, timeout=15)  # fmt: skip
             # Jobs' processes are slurmd's (slurmstepd) children: let them go before slurmd does.
@@ -97,7 +90,7 @@ class SlurmCluster:
         for name in ("slurmd", "slurmctld", "munged"):  # the reverse of the start order
             pid = self.pids.pop(name, None)
             if pid is not None and _runs(pid, name):  # a recorded PID may be reused by now
-                _terminate(pid, timeout)
+                stop_group(pid, timeout=timeout, leader_only=True)  # SIGTERM, then SIGKILL
         for proc in self._procs:
             if proc.poll() is None:
                 proc.wait(timeout=timeout)
@@ -116,11 +109,10 @@ class SlurmCluster:
              f"--pid-file={self.folder / 'munged.pid'}", f"--log-file={self.folder / 'munged.log'}",
              f"--seed-file={self.folder / 'munged.seed'}", "--num-threads=2"],
         )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while not self.socket.exists():
-            if self._procs[-1].poll() is not None or time.monotonic() > deadline:
-                raise SlurmError(f"munged did not start: {self._log('munged.log')}")
-            time.sleep(0.1)
+        munged = self._procs[-1]
+        wait_until(self.socket.exists, "munged did not start", 10,
+                   alive=lambda: munged.poll() is None, log=self.folder / "munged.log",
+                   error=SlurmError)  # fmt: skip
 
     def _slurm_conf(self) -> str:
         f = self.folder
@@ -184,25 +176,27 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
         (self.folder / "pids.json").write_text(json.dumps(self.pids))
 
     def _wait_idle(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
         state = ""
-        while time.monotonic() < deadline:
-            for name, pid in self.pids.items():
-                if not _alive(pid):
-                    raise SlurmError(f"{name} exited: {self._log(f'{name}.log', f'{name}.out')}")
+
+        def idle() -> bool:
+            nonlocal state
             done = subprocess.run(
                 ["sinfo", "--noheader", "--format=%T", "--nodes", NODE],
                 env=self.env, capture_output=True, text=True, timeout=10,
             )  # fmt: skip
             state = done.stdout.strip() or done.stderr.strip()
-            if state == "idle":
-                return
-            time.sleep(0.5)
-        raise SlurmError(
-            f"node not idle after {timeout:.0f} s (sinfo: {state!r}); "
-            f"slurmd: {self._log('slurmd.log', 'slurmd.out')}; "
-            f"slurmctld: {self._log('slurmctld.log', 'slurmctld.out')}"
-        )
+            return state == "idle"
+
+        def report() -> str:  # the daemons that exited, else slurmd and slurmctld
+            dead = [name for name, pid in self.pids.items() if not alive(pid)]
+            logs = (f"{name}{' (exited)' if name in dead else ''}: "
+                    f"{self._log(f'{name}.log', f'{name}.out')}"
+                    for name in dead or ("slurmd", "slurmctld"))  # fmt: skip
+            return "; ".join((f"sinfo: {state!r}", *logs))
+
+        wait_until(idle, "the SLURM node is not idle", timeout,
+                   alive=lambda: all(alive(pid) for pid in self.pids.values()), log=report,
+                   error=SlurmError, interval=0.5)  # fmt: skip
 
     # -------------------------------------------------------------------------------- queries
     def _queue(self, states: str = "all") -> list[str]:
@@ -225,11 +219,7 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
         raise KeyError(f"{field} not in `scontrol show job {job_id}`: {done.stdout or done.stderr}")
 
     def _log(self, *names: str, lines: int = 15) -> str:
-        for name in names:
-            path = self.folder / name
-            if path.exists() and path.stat().st_size:
-                return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
-        return "(no log)"
+        return log_tail(*(self.folder / name for name in names), lines=lines)
 
 
 def _binary(name: str) -> str | None:
@@ -250,33 +240,6 @@ def _runs(pid: int, program: str) -> bool:
     except OSError:
         return False
     return Path(argv0.decode(errors="replace")).name == program
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A child that exited but was not reaped yet is a zombie: dead for our purposes.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _terminate(pid: int, timeout: float) -> None:
-    """SIGTERM `pid`, SIGKILL it if it is still there after `timeout` s."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if not _alive(pid):
-            return
 
 
 def main(argv: list[str]) -> int:
