@@ -25,8 +25,19 @@ from ray_head import RayHead
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.xdist_group("ray")]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _own_ray_home(tmp_path_factory):
+    """A home of the module's own for the head and every driver: Ray 2.60 turns token
+    authentication on wherever it finds ~/.ray/auth_token, which a developer's earlier Ray
+    (a sweep that started its own) leaves behind, and the head and drivers must agree."""
+    saved = os.environ.get("HOME")
+    os.environ["HOME"] = str(tmp_path_factory.mktemp("ray-home"))
+    yield
+    os.environ["HOME"] = saved or ""
+
+
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
+def ray_head(tmp_path_factory, _own_ray_home):
     """A 2-CPU Ray head for the module; its workers start in a folder of their own.
 
     With OMP_NUM_THREADS=2 its workers' torch would take 2 threads by default (Ray sets the
