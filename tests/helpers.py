@@ -245,6 +245,14 @@ class Store:
             return []
         return self.client.search_runs([found.experiment_id], filter_string=where)
 
+    def sweep(self, experiment: str = "cnnlab") -> tuple:
+        """(parent, children) of the experiment's one sweep; every child names that parent."""
+        runs = self.runs(experiment)
+        [parent] = [r for r in runs if r.data.tags.get("cnnlab.role") == "sweep"]
+        children = [r for r in runs if r is not parent]
+        assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+        return parent, children
+
     def only_run(self, experiment: str = "cnnlab"):
         """The experiment's one run (fails when there are more or none)."""
         [run] = self.runs(experiment)

@@ -65,15 +65,6 @@ def launch_dir(tmp_path, tiny_data) -> tuple[Path, list[str]]:
     ]  # fmt: skip
 
 
-def family(store: Store):
-    """(parent, children) of the store's one sweep."""
-    runs = store.runs()
-    [parent] = [r for r in runs if r.data.tags.get("cnnlab.role") == "sweep"]
-    children = [r for r in runs if r is not parent]
-    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
-    return parent, children
-
-
 def summary_rows(store: Store, parent, folder: Path) -> list[dict[str, str]]:
     local = store.client.download_artifacts(parent.info.run_id, "sweep_summary.csv", str(folder))
     return list(csv.DictReader(io.StringIO(Path(local).read_text())))
@@ -88,7 +79,7 @@ def test_a_sweep_on_a_ray_cluster_is_one_parent_with_its_children(ray_head, laun
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     store = Store(f"sqlite:///{folder / 'mlflow.db'}")
-    parent, children = family(store)
+    parent, children = store.sweep()
     names = sorted(r.info.run_name for r in children)
     assert names == [
         "optimizer=adam,train.seed=1", "optimizer=adam,train.seed=2",
@@ -129,7 +120,7 @@ def test_a_failed_ray_job_is_a_failed_child_and_the_sweep_goes_on(ray_head, laun
     assert last.startswith("cnnlab-train: error: 1 sweep job(s) failed: #1 "), done.stderr[-3000:]
     assert "optimizer.lr=1e+30" in last
 
-    parent, children = family(store)
+    parent, children = store.sweep()
     status = {r.info.run_name: r.info.status for r in children}
     assert status == {"optimizer.lr=0.001": "FINISHED", "optimizer.lr=1e+30": "FAILED"}
     assert parent.info.status == "FAILED"
@@ -158,7 +149,7 @@ def test_a_job_whose_ray_worker_dies_fails_and_the_sweep_goes_on(ray_head, launc
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("cnnlab-train: error: 1 sweep job(s) failed: #"), stderr[-3000:]
     assert "its Ray worker died" in stderr
-    parent, children = family(Store(f"sqlite:///{folder / 'mlflow.db'}"))
+    parent, children = Store(f"sqlite:///{folder / 'mlflow.db'}").sweep()
     # The other job ran after it; the killed job's run, which nobody was left to end, is
     # closed FAILED with the reason, not left RUNNING.
     assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED"]
@@ -176,7 +167,7 @@ def test_a_sweep_given_no_ray_head_fails_at_once_in_one_line(launch_dir):
     )  # fmt: skip
     line = one_error_line(done)
     assert f"hydra.launcher.ray.init.address={address}" in line and "ray start --head" in line
-    parent, children = family(Store(f"sqlite:///{folder / 'mlflow.db'}"))
+    parent, children = Store(f"sqlite:///{folder / 'mlflow.db'}").sweep()
     assert parent.info.status == "FAILED" and children == []
 
 
@@ -191,7 +182,7 @@ def test_with_no_address_a_sweep_runs_on_a_ray_of_its_own_and_stops_it(launch_di
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
         assert "Started a local Ray instance" in done.stderr
-        parent, children = family(Store(f"sqlite:///{folder / 'mlflow.db'}"))
+        parent, children = Store(f"sqlite:///{folder / 'mlflow.db'}").sweep()
         assert [r.info.status for r in children] == ["FINISHED", "FINISHED"]
         # The Ray it started ended with it: no process left that uses its folder.
         ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
@@ -219,7 +210,7 @@ def test_ctrl_c_stops_ray_jobs_as_killed_resumable_runs(ray_head, launch_dir):
     last = stderr.strip().splitlines()[-1]
     assert last == "cnnlab-train: interrupted; an open run is marked KILLED"
     store = Store(f"sqlite:///{folder / 'mlflow.db'}")
-    parent, children = family(store)
+    parent, children = store.sweep()
     # Not left RUNNING by workers Ray killed: each job stopped as on Ctrl-C, with a checkpoint.
     assert parent.info.status == "KILLED"
     assert [r.info.status for r in children] == ["KILLED", "KILLED"]

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,10 +58,7 @@ def test_a_slurm_sweep_on_the_team_server_is_one_parent_with_children_failures_a
     assert "2 sweep job(s) failed" in done.stderr, done.stderr[-3000:]
 
     store = Store(team_server.url)
-    runs = store.runs("slurm")
-    [parent] = [r for r in runs if r.data.tags.get("cnnlab.role") == "sweep"]
-    children = [r for r in runs if r is not parent]
-    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    parent, children = store.sweep("slurm")
     status = {r.info.run_name: r.info.status for r in children}
     assert status == {
         "optimizer=adam,optimizer.lr=0.001": "FINISHED",
@@ -108,9 +106,7 @@ def test_submitit_local_runs_a_sweep_as_child_runs_without_a_cluster(
         "train.seed=1,2", cwd=tmp_path, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = store.runs()
-    [parent] = [r for r in runs if r.data.tags.get("cnnlab.role") == "sweep"]
-    children = [r for r in runs if r is not parent]
+    parent, children = store.sweep()
     assert sorted(r.info.run_name for r in children) == ["train.seed=1", "train.seed=2"]
     assert {r.info.status for r in [parent, *children]} == {"FINISHED"}
 
@@ -120,29 +116,19 @@ def test_a_job_killed_outright_is_a_failed_job_and_the_sweep_goes_on(
 ):
     # SIGKILL (the OOM killer, a node lost): the job leaves no result. The plugin's launcher
     # raised at the first such job and stopped waiting for the others; cnnlab's waits for all.
-    sweep = subprocess.Popen(
-        [BIN / "cnnlab-train", "-m", *tiny_overrides, "tracking.log_model=false",
-         "hydra/launcher=submitit_local", "train.epochs=50", "train.seed=1,2"],
-        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
+    args = [*tiny_overrides, "tracking.log_model=false", "hydra/launcher=submitit_local",
+            "train.epochs=50", "train.seed=1,2"]  # fmt: skip
+    with sweep_in_background(args, tmp_path, cli_env()) as sweep:
         wait_for_line(tmp_path, "Loss after mini-batch", sweep)
         # The launcher's child is submitit's controller; the jobs are the controller's children.
         jobs = [p for c in _children(sweep.pid) for p in _children(c)]
         assert all("submitit.core._submit" in _cmdline(p) for p in jobs) and jobs
         os.kill(jobs[0], signal.SIGKILL)
         out, err = sweep.communicate(timeout=300)
-    finally:
-        if sweep.poll() is None:
-            os.killpg(sweep.pid, signal.SIGKILL)
-            sweep.wait()
     assert sweep.returncode == 1, err[-3000:]
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("cnnlab-train: error: 1 sweep job(s) failed")
-    runs = store.runs()
-    [parent] = [r for r in runs if r.data.tags.get("cnnlab.role") == "sweep"]
-    children = [r for r in runs if r is not parent]
+    parent, children = store.sweep()
     assert parent.info.status == "FAILED"
     # The killed job's run is closed FAILED with the reason; the other one went on.
     assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED"]
@@ -179,22 +165,14 @@ def test_a_preempted_job_is_requeued_and_continues_its_run_to_the_unbroken_losse
     unbroken = reference.history(reference_id, "train_loss")
     assert len(unbroken) == 120
 
-    sweep = subprocess.Popen(
-        [BIN / "cnnlab-train", "-m", *tiny_overrides, *PREEMPTED, "hydra/launcher=slurm"],
-        cwd=tmp_path, env=cli_env(SLURM_CONF=str(slurm.conf)), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
+    args = [*tiny_overrides, *PREEMPTED, "hydra/launcher=slurm"]
+    with sweep_in_background(args, tmp_path, cli_env(SLURM_CONF=str(slurm.conf))) as sweep:
         log = wait_for_line(tmp_path, "Loss after mini-batch", sweep)
         [job_id] = slurm.running_jobs()
         # What SLURM sends before a job's time limit, and a preempting scheduler may send:
         # submitit's requeue signal.
         subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm.env, check=True, timeout=30)
         out, err = sweep.communicate(timeout=300)
-    finally:
-        if sweep.poll() is None:
-            os.killpg(sweep.pid, signal.SIGKILL)
-            sweep.wait()
     assert sweep.returncode == 0, err[-3000:]
     assert slurm.job_field(job_id, "Restarts") == "1"  # SLURM ran the job a second time
 
@@ -203,15 +181,29 @@ def test_a_preempted_job_is_requeued_and_continues_its_run_to_the_unbroken_losse
     assert "this job is preempted" in text and "Requeued job" in text
     assert "resuming at mini-batch" in text  # stopped mid-epoch, continued from there
 
-    runs = store.runs()
-    [parent] = [r for r in runs if r.data.tags.get("cnnlab.role") == "sweep"]
-    [child] = [r for r in runs if r is not parent]  # the same run, continued: not a second one
+    parent, [child] = store.sweep()  # the same run, continued: not a second one
     assert f"continuing its run {child.info.run_id}" in text
     assert child.info.status == "FINISHED" and parent.info.status == "FINISHED"
     assert store.history(child.info.run_id, "train_loss") == unbroken
     assert store.history(child.info.run_id, "test_accuracy") == reference.history(
         reference_id, "test_accuracy"
     )
+
+
+@contextmanager
+def sweep_in_background(args: list[str], cwd: Path, env: dict[str, str]):
+    """`cnnlab-train -m *args` running in its own session; on the way out, if it still runs,
+    it and every process it started (submitit's controller and jobs) are killed."""
+    sweep = subprocess.Popen(
+        [BIN / "cnnlab-train", "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield sweep
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+            sweep.wait()
 
 
 def wait_for_line(folder: Path, text: str, sweep: subprocess.Popen, timeout: float = 180) -> Path:

@@ -18,11 +18,7 @@ def sweep(args: list[str], cwd: Path):
 
 
 def runs_by_role(store: Store):
-    runs = store.runs()
-    [parent] = [r for r in runs if r.data.tags.get("cnnlab.role") == "sweep"]
-    children = [r for r in runs if r is not parent]
-    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
-    return store.client, parent, children
+    return store.client, *store.sweep()
 
 
 def test_a_sweep_is_one_parent_with_named_children_and_a_summary(tiny_overrides, tmp_path, store):
