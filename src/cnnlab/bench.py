@@ -548,13 +548,14 @@ def section_sweep(cfg: DictConfig, data: Dataset, device: torch.device) -> list[
         "joblib": (["hydra/launcher=joblib", f"hydra.launcher.n_jobs={slots}"], slots),
         "slurm": (["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1"], slots),
         "ray": (
-            [f"hydra.launcher.ray.init.address={ray_address}"] if ray_address else
+            ["hydra/launcher=ray", f"hydra.launcher.ray.init.address={ray_address}"]
+            if ray_address else
             # "local": a new Ray even where $RAY_ADDRESS or a `ray start` cluster exists
-            ["hydra.launcher.ray.init.address=local", f"+hydra.launcher.ray.init.num_cpus={slots}"],
+            ["hydra/launcher=ray", "hydra.launcher.ray.init.address=local",
+             f"+hydra.launcher.ray.init.num_cpus={slots}"],
             ray_slots,
         ),
     }  # fmt: skip
-    engines["ray"][0].insert(0, "hydra/launcher=ray")
     missing = {name: why for name in engines if (why := _engine_missing(name))}
     stats: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in engines}
 
