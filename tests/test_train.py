@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from cnnlab.data import load_dataset
+from cnnlab.data import data_arguments, load_dataset
 from cnnlab.loop import evaluate
 from cnnlab.tracking import load_model
 from helpers import BIN, Store, cli_env, cnnlab
@@ -57,8 +57,7 @@ def test_a_run_logs_params_metrics_artifacts_and_a_loadable_model(tiny_overrides
 
     # The model loads back through MLflow and scores the logged test accuracy.
     model = load_model(tags["cnnlab.model_uri"], store.uri)
-    cfg_data = dict(logged_cfg["data"])
-    data = load_dataset(**cfg_data)
+    data = load_dataset(**data_arguments(logged_cfg["data"], Path(logged_cfg["data"]["root"])))
     _, reloaded_accuracy = evaluate(model, data.test, batch_size=1000)
     assert reloaded_accuracy == pytest.approx(accuracy[-1].value, abs=1e-9)
 

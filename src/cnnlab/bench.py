@@ -39,10 +39,11 @@ from omegaconf import DictConfig, OmegaConf
 from cnnlab import CnnlabError, reference, schema
 from cnnlab import train as train_module
 from cnnlab.cli import CONF_DIR, compose_config, run_cli
-from cnnlab.data import Dataset, load_dataset
+from cnnlab.data import Dataset, data_arguments, load_dataset
 from cnnlab.hardware import setup_hardware
 from cnnlab.loop import train_one_epoch
 from cnnlab.models import ConvNet
+from cnnlab.preprocess import to_float
 from cnnlab.provenance import flatten
 from cnnlab.reference import article_training
 from cnnlab.step import TrainStep, flat_parameters, optimizer_step
@@ -192,7 +193,7 @@ def section_step(cfg: DictConfig, data: Dataset, device: torch.device) -> list[s
     seed, in the same plain loop, so only the model and the optimizer differ.
     """
     batch, steps = cfg.train.batch_size, cfg.bench.batches
-    images, labels = data.train.images.to(device), data.train.labels.to(device)
+    images, labels = to_float(data.train.images.to(device)), data.train.labels.to(device)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0)).to(device)
     weights: dict[str, list[torch.Tensor]] = {}
 
@@ -457,7 +458,7 @@ def probe_first_step(store: str, data_root: str, mark: Callable[[str], None]) ->
     with _quiet(), closing_run(create_run(f"sqlite:///{store}", "startup", None, {}, spool)) as run:
         run.log_params(flatten(OmegaConf.to_container(cfg)))
         mark("store+run")
-        data = load_dataset(**cfg.data)
+        data = load_dataset(**data_arguments(cfg.data, Path(cfg.data.root)))
         mark("data")
         model, optimizer = build_model(cfg, data, torch.device("cpu"))
         batch = cfg.train.batch_size
@@ -523,7 +524,7 @@ def parallel_probe() -> None:
     data_root, batches = sys.argv[1], int(sys.argv[2])
     with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = hydra.compose("config", overrides=[f"data.root={data_root}", "hardware=cpu"])
-    data = load_dataset(**cfg.data)
+    data = load_dataset(**data_arguments(cfg.data, Path(cfg.data.root)))
     _, seconds = cnnlab_training(cfg, data, batches, torch.device("cpu"))
     print(batches * cfg.train.batch_size / seconds)
 
@@ -649,7 +650,7 @@ def run_bench(cfg: DictConfig) -> None:
     if unknown:
         raise CnnlabError(f"bench.sections has {sorted(unknown)}; choose from {list(SECTIONS)}")
     device = setup_hardware(cfg.hardware)
-    data = load_dataset(**cfg.data)
+    data = load_dataset(**data_arguments(cfg.data, Path(cfg.data.root)))
     cpu = next((p["model name"] for p in cpu_info() if "model name" in p), platform.processor())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     print(f"cnnlab-bench: {where}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")

@@ -42,7 +42,7 @@ class DataError(CnnlabError):
 
 @dataclass
 class Split:
-    """One split held in memory: images (N, C, H, W) float32 in [0, 1], labels (N,) int64."""
+    """One split held in memory: images (N, C, H, W) uint8, labels (N,) int64."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -99,6 +99,11 @@ def load_dataset(
 _LOADED: dict[tuple, Dataset] = {}
 
 
+def data_arguments(cfg_data: Mapping, root: Path) -> dict:
+    """load_dataset's keywords from the data config: preprocessing is not its concern."""
+    return {**{k: v for k, v in cfg_data.items() if k != "preprocess"}, "root": str(root)}
+
+
 def _file_stamps(raw_dir: Path) -> tuple:
     paths = [_find(raw_dir, f) for f in FILES.values()]
     return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths if p)
@@ -120,8 +125,8 @@ def _read_dataset(raw_dir: Path, num_classes: int, md5: Mapping[str, str]) -> Da
                 f"{raw_dir}: {split} label {labels.max()} is out of range for "
                 f"data.num_classes={num_classes}"
             )
-        # The article's ToTensor: uint8 -> float32 / 255, with a channel axis (N, 1, H, W).
-        pixels = torch.from_numpy(images.copy()).unsqueeze(1).float().div_(255)
+        # uint8 with a channel axis (N, 1, H, W); preprocess.to_float converts each batch.
+        pixels = torch.from_numpy(images.copy()).unsqueeze(1)
         splits[split] = Split(pixels, torch.from_numpy(labels.astype(np.int64)))
     checksum = hashlib.md5("".join(md5[k] for k in FILES).encode()).hexdigest()
     return Dataset(splits["train"], splits["test"], num_classes, raw_dir, checksum)

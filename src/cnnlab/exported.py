@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab import CnnlabError, models, schema
+from cnnlab.preprocess import with_normalization
 
 
 class ModelFileError(CnnlabError):
@@ -85,6 +86,8 @@ def rebuilt_network(
         cls = classes[kwargs.pop("_target_")]
         with torch.device("meta"):
             network = cls(in_shape=in_shape, num_classes=num_classes, **kwargs)
+            pre = cfg.data.preprocess
+            network = with_normalization(network, pre.mean, pre.std)  # its buffers are weights
         network.load_state_dict(weights(archive), strict=True, assign=True)
     except (
         CnnlabError, OmegaConfBaseException, AttributeError, KeyError, TypeError, ValueError,

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from cnnlab import CnnlabError
 from cnnlab.data import Split
+from cnnlab.preprocess import to_float
 from cnnlab.step import TrainStep
 
 
@@ -65,6 +66,8 @@ def train_one_epoch(
     n = len(step.data)
     epoch_rng = torch.get_rng_state()
     order = epoch_order(n).to(step.loss_sum.device)
+    if step.augment is not None:
+        step.augment.new_epoch()  # after the order, from the same RNG: a resume redraws both
     # float64, like the article's Python float sum; summed on the device (see TrainStep).
     loss_sum = step.loss_sum
     loss_sum.fill_(running)
@@ -102,7 +105,7 @@ def evaluate(model: nn.Module, data: Split, batch_size: int) -> tuple[float, flo
     for start in range(0, len(data), batch_size):
         images = data.images[start : start + batch_size]
         labels = data.labels[start : start + batch_size]
-        logits = model(images)
+        logits = model(to_float(images))
         total_loss += F.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(dim=1) == labels).sum()
     return total_loss.item() / len(data), correct.item() / len(data)

@@ -94,6 +94,16 @@ class Checksums:
 
 
 @dataclass
+class PreprocessConf:
+    """What happens to a batch on the device (preprocess.py); defaults: the article's ToTensor."""
+
+    mean: list[float] | None = None  # per channel, of [0, 1] pixels; with std: normalisation
+    std: list[float] | None = None  # (the model's first layer, so the logged model has it)
+    crop_padding: int = 0  # training: random crops of images padded by this many pixels
+    flip: bool = False  # training: random horizontal flips
+
+
+@dataclass
 class DataConf:
     name: str = MISSING
     # Files live in <root>/<folder>/raw, torchvision's layout; relative to the launch directory.
@@ -105,6 +115,7 @@ class DataConf:
     npm_package: str | None = None  # npm package whose tarball holds the raw files
     debian_dir: str | None = None  # folder a Debian package installs the files into
     download_timeout: float = 5.0  # seconds per connection attempt
+    preprocess: PreprocessConf = field(default_factory=PreprocessConf)
 
 
 # -------------------------------------------------------------------------------------- hardware
@@ -246,6 +257,9 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("model.hidden", lambda v: all(_positive_int(c) for c in v), "integers >= 1"),
     ("data.num_classes", lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
     ("data.download_timeout", _positive_float, "a number of seconds > 0"),
+    ("data.preprocess.mean", lambda v: all(_non_negative(m) for m in v), "numbers >= 0"),
+    ("data.preprocess.std", lambda v: all(_positive_float(d) for d in v), "numbers > 0"),
+    ("data.preprocess.crop_padding", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
     *(
         (f"data.md5.{f.name}", lambda v: bool(_MD5.fullmatch(str(v))), "32 lowercase hex digits")
         for f in fields(Checksums)
@@ -262,6 +276,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key the schema lacks or whose value cannot work."""
     _reject_unknown_keys(cfg)
+    _check_normalization(cfg)
     for key, ok, expected in _RULES:
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
@@ -270,6 +285,23 @@ def validate(cfg: DictConfig) -> None:
             value = OmegaConf.to_container(value)
         if not ok(value):
             raise ConfigError(f"{key}={value} is invalid: expected {expected}; set {key}=<value>")
+
+
+def _check_normalization(cfg: DictConfig) -> None:
+    # mean without std (or lists of different lengths) has no meaning; the number of channels
+    # is checked against the data once it is read (train.build_model).
+    pre = OmegaConf.select(cfg, "data.preprocess")
+    if pre is None or (pre.mean is None and pre.std is None):
+        return
+    if pre.mean is None or pre.std is None or len(pre.mean) != len(pre.std):
+        raise ConfigError(
+            f"data.preprocess.mean={_listed(pre.mean)} and data.preprocess.std={_listed(pre.std)} "
+            "go together: give one number per channel in each, e.g. mean=[0.1307] std=[0.3081]"
+        )
+
+
+def _listed(value: Any) -> Any:
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:

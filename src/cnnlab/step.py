@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from cnnlab import CnnlabError
 from cnnlab.data import Split
+from cnnlab.preprocess import Augment, to_float
 
 
 def flat_parameters(model: nn.Module) -> nn.Parameter:
@@ -51,7 +52,7 @@ class TrainStep:
     `loss_sum` (float64, on the data's device) is read back only when the caller wants it: a
     `.item()` per step would stall a GPU on every batch. With `cuda_graph=True` the step is
     captured at the first batch of `batch_size` samples and replayed from then on; a smaller
-    last batch runs eagerly.
+    last batch runs eagerly. `augment` (drawn per epoch by the loop) transforms each batch.
     """
 
     def __init__(
@@ -61,9 +62,11 @@ class TrainStep:
         data: Split,
         batch_size: int,
         cuda_graph: bool = False,
+        augment: Augment | None = None,
     ) -> None:
         self.model, self.optimizer, self.data = model, optimizer, data
         self.batch_size = batch_size
+        self.augment = augment
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=data.labels.device)
         if cuda_graph:
             check_cuda_graphs(self.loss_sum.device)
@@ -91,8 +94,10 @@ class TrainStep:
         self._zero_grad()
         # index_select, not images[idx]: the same rows, without advanced indexing's overhead.
         images = self.data.images.index_select(0, idx)
+        if self.augment is not None:
+            images = self.augment.apply(images, idx)
         labels = self.data.labels.index_select(0, idx)
-        loss = F.cross_entropy(self.model(images), labels)
+        loss = F.cross_entropy(self.model(to_float(images)), labels)
         loss.backward()
         self._optimizer_step()
         self.loss_sum.add_(loss.detach())

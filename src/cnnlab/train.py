@@ -22,9 +22,10 @@ from omegaconf import DictConfig
 from cnnlab import CnnlabError, checkpoint, interrupts, schema, sweep
 from cnnlab.checkpoint import Progress
 from cnnlab.cli import CONF_DIR, launch_path, run_cli, store_uri
-from cnnlab.data import Dataset, Split, load_dataset
+from cnnlab.data import Dataset, Split, data_arguments, load_dataset
 from cnnlab.hardware import setup_hardware
 from cnnlab.loop import TrainingInterrupted, evaluate, train_one_epoch
+from cnnlab.preprocess import Augment, to_float, with_normalization
 from cnnlab.provenance import command_line_overrides, log_config, requirements, run_tags
 from cnnlab.step import TrainStep, flat_parameters
 from cnnlab.sweep import in_sweep, job_tags, nan_for_a_failed_job, remember_job_run, requeued_run
@@ -62,7 +63,7 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
     # a joblib worker cores // parallel jobs: loky starts workers with OMP_NUM_THREADS so).
     device = setup_hardware(cfg.hardware)
 
-    data = load_dataset(**{**cfg.data, "root": str(launch_path(cfg.data.root))})
+    data = load_dataset(**data_arguments(cfg.data, launch_path(cfg.data.root)))
     train_split, test_split = data.train.to(device), data.test.to(device)
 
     model, optimizer = build_model(cfg, data, device)
@@ -74,7 +75,7 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
     ):
         accuracy = fit(cfg, model, optimizer, train_split, test_split, run, progress)
         if cfg.tracking.log_model:
-            example = data.test.images[:2].numpy()  # (2, C, H, W): the input the model expects
+            example = to_float(data.test.images[:2]).numpy()  # (2, C, H, W) in [0, 1]
             run.log_model(model, example, requirements())  # tags the run cnnlab.model_uri
     print("Training process has finished.")
     return accuracy
@@ -86,9 +87,21 @@ def build_model(
     """The seeded model on `device`, and its optimizer over one flat parameter buffer."""
     torch.manual_seed(cfg.train.seed)  # the article seeds right before the model initialises
     model = instantiate(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes)
-    model = model.to(device)
+    model = normalized(model, cfg.data.preprocess, data.in_shape[0]).to(device)
     optimizer = instantiate(cfg.optimizer, _convert_="all")([flat_parameters(model)])
     return model, optimizer
+
+
+def normalized(net: torch.nn.Module, preprocess: DictConfig, channels: int) -> torch.nn.Module:
+    """`net` behind the configured normalisation, which must have one value per channel."""
+    for key in ("mean", "std"):
+        values = preprocess[key]
+        if values is not None and len(values) != channels:
+            raise CnnlabError(
+                f"data.preprocess.{key} has {len(values)} value(s) but the images have "
+                f"{channels} channel(s): give one per channel"
+            )
+    return with_normalization(net, preprocess.mean, preprocess.std)
 
 
 def fit(
@@ -107,7 +120,12 @@ def fit(
     if progress.epoch >= cfg.train.epochs:  # a resumed run that had trained every epoch already
         accuracy = evaluate(model, test_split, cfg.train.eval_batch_size)[1]
     show_bar = sys.stderr.isatty()
-    step = TrainStep(model, optimizer, train_split, cfg.train.batch_size, cfg.hardware.cuda_graphs)
+    pre = cfg.data.preprocess
+    augment = Augment(len(train_split), pre.crop_padding, pre.flip, train_split.labels.device)
+    step = TrainStep(
+        model, optimizer, train_split, cfg.train.batch_size, cfg.hardware.cuda_graphs,
+        augment if augment.active else None,
+    )  # fmt: skip
     with interrupts.stop_requests() as stop, tempfile.TemporaryDirectory() as tmp:
         last = Path(tmp) / "last.pt"
         for epoch in range(progress.epoch, cfg.train.epochs):
