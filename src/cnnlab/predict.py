@@ -40,7 +40,8 @@ def image_tensor(path: Path, in_shape: tuple[int, ...]) -> tuple[torch.Tensor, b
     """An image file as the model's input (1, C, H, W) in [0, 1], and whether it was inverted.
 
     Like the training data: greyscale (or RGB for 3 channels), resized to H x W, scaled to
-    [0, 1], light strokes on a dark background (a dark-on-light image is inverted).
+    [0, 1]. A greyscale model learnt MNIST's light strokes on a dark background, so a dark-on-
+    light greyscale image is inverted; colour images (photos, CIFAR) are taken as they are.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -70,7 +71,7 @@ def image_tensor(path: Path, in_shape: tuple[int, ...]) -> tuple[torch.Tensor, b
         raise CnnlabError(f"{path}: cannot read an image ({_reason(exc)})") from exc
     pixels = pixels.reshape(height, width, -1).transpose(2, 0, 1)  # (C, H, W)
     border = np.concatenate([pixels[:, 0], pixels[:, -1], pixels[:, :, 0], pixels[:, :, -1]], 1)
-    inverted = bool(border.mean() > 0.5)
+    inverted = channels == 1 and bool(border.mean() > 0.5)
     if inverted:
         pixels = 1 - pixels
     return torch.from_numpy(np.ascontiguousarray(pixels)).unsqueeze(0), inverted
