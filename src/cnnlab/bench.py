@@ -12,6 +12,7 @@ one worker, Adam, a .item() per step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import json
@@ -39,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from cnnlab import CnnlabError, reference, schema
 from cnnlab import train as train_module
 from cnnlab.cli import CONF_DIR, compose_config, run_cli
-from cnnlab.data import Dataset, data_arguments, load_dataset
+from cnnlab.data import Dataset, Split, data_arguments, load_dataset
 from cnnlab.hardware import setup_hardware
 from cnnlab.loop import train_one_epoch
 from cnnlab.models import ConvNet
@@ -491,6 +492,77 @@ def section_batch_sizes(cfg: DictConfig, data: Dataset, device: torch.device) ->
     return lines
 
 
+def section_datasets(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
+    """Training samples/s per dataset, each with its own recipe, same steps as cnnlab-train.
+
+    MNIST runs the article's settings twice: images held as uint8 and converted per batch on
+    the device (how cnnlab holds every dataset), against float32 held whole (how it held MNIST
+    before CIFAR and image folders had to fit in memory). Fashion-MNIST is measured where its
+    files are present; a CIFAR-shaped synthetic set (50,000 3x32x32 uint8) trains ResNet-18 as
+    experiment=cifar10_resnet does, with and without its crop + flip augmentation.
+    """
+    batches = cfg.bench.batches
+
+    def rate(run_cfg: DictConfig, dataset: Dataset, n: int) -> Callable[[], float]:
+        run_cfg = OmegaConf.merge(run_cfg, {"train": {"log_every": n}})  # one read-back
+        return lambda: (
+            n * run_cfg.train.batch_size / cnnlab_training(run_cfg, dataset, n, device)[1]
+        )
+
+    as_float = dataclasses.replace(
+        data, train=Split(to_float(data.train.images), data.train.labels)
+    )
+    mnist = alternate(
+        cfg.bench.rounds,
+        {"uint8": rate(cfg, data, batches), "float32": rate(cfg, as_float, batches)},
+    )
+    lines = [
+        f"Datasets ({device}; samples/s over {batches} mini-batches unless said):",
+        f"  MNIST, article's settings      uint8 held {mnist.median('uint8'):8.0f}   float32 "
+        f"held {mnist.median('float32'):8.0f}   ratio {mnist.ratio('uint8', 'float32'):.3f}x",
+    ]
+    fashion_cfg = OmegaConf.merge(
+        compose_config(["data=fashion_mnist"]), {"data": {"root": cfg.data.root}}
+    )
+    try:
+        fashion = load_dataset(**data_arguments(fashion_cfg.data, Path(cfg.data.root)))
+    except CnnlabError as exc:
+        lines.append(f"  Fashion-MNIST                  not measured: {exc}")
+    else:
+        run_cfg = OmegaConf.merge(cfg, {"data": fashion_cfg.data})
+        speed = alternate(cfg.bench.rounds, {"x": rate(run_cfg, fashion, batches)}).median("x")
+        lines.append(f"  Fashion-MNIST, article's settings {speed:8.0f}")
+    resnet_cfg = OmegaConf.merge(
+        compose_config(["experiment=cifar10_resnet"]), {"hardware": cfg.hardware}
+    )
+    cifar = synthetic_dataset(50_000, (3, 32, 32), 10)
+    steps = max(batches // 300, 3)  # a ResNet step is ~1000x an article step on a CPU
+    plain = OmegaConf.merge(
+        resnet_cfg, {"data": {"preprocess": {"crop_padding": 0, "flip": False}}}
+    )
+    resnet = alternate(
+        cfg.bench.rounds,
+        {"augmented": rate(resnet_cfg, cifar, steps), "plain": rate(plain, cifar, steps)},
+    )
+    pre = resnet_cfg.data.preprocess
+    lines.append(
+        f"  CIFAR-shaped, ResNet-18 ({resnet_cfg.model.name}, batch {resnet_cfg.train.batch_size}, "
+        f"{steps} steps)   crop {pre.crop_padding} + flip {resnet.median('augmented'):7.1f}   "
+        f"none {resnet.median('plain'):7.1f}   ratio {resnet.ratio('augmented', 'plain'):.3f}x"
+    )
+    return lines
+
+
+def synthetic_dataset(n: int, shape: tuple[int, int, int], num_classes: int) -> Dataset:
+    """`n` random uint8 images of `shape` with random labels: a stand-in of a real set's size."""
+    g = torch.Generator().manual_seed(0)
+    split = Split(
+        torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g),
+        torch.randint(0, num_classes, (n,), generator=g),
+    )
+    return Dataset(split, split, num_classes, Path("synthetic"), "synthetic")
+
+
 def section_parallel(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
     """Throughput of two single-threaded training processes at once against one alone."""
     batches = cfg.bench.batches
@@ -639,6 +711,7 @@ SECTIONS = {
     "startup": section_startup,
     "batch_sizes": section_batch_sizes,
     "parallel": section_parallel,
+    "datasets": section_datasets,
     "sweep": section_sweep,
 }
 
