@@ -1,8 +1,11 @@
-"""Finding, fetching, verifying and loading IDX datasets, on synthetic files in the real format."""
+"""Finding, fetching, verifying, decoding and caching datasets, on synthetic files in each real
+format: IDX (MNIST's family, EMNIST's and QMNIST's names), CIFAR's pickled batches, an ImageFolder
+tree of PNGs."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import http.server
 import io
 import tarfile
@@ -19,8 +22,9 @@ from helpers import idx_bytes, synthetic_split, write_dataset
 
 def load(root: Path, md5: dict[str, str], **sources) -> object:
     sources.setdefault("mirrors", [])
+    sources.setdefault("download", False)
     return load_dataset(
-        name="mnist", root=str(root), folder="MNIST", num_classes=10, md5=md5,
+        name="mnist", dataset="MNIST", root=str(root), num_classes=10, md5=md5,
         download_timeout=2, **sources,
     )  # fmt: skip
 
@@ -30,12 +34,19 @@ def test_loads_raw_and_gzipped_files_as_the_articles_tensors(tmp_path, gz):
     md5 = write_dataset(tmp_path / "MNIST" / "raw", n_train=50, n_test=20, gz=gz)
     data = load(tmp_path, md5)
     images, labels = synthetic_split(50, seed=1)
-    assert data.train.images.shape == (50, 1, 28, 28) and data.train.images.dtype == torch.float32
+    assert data.train.images.shape == (50, 1, 28, 28) and data.train.images.dtype == torch.uint8
     assert data.in_shape == (1, 28, 28) and len(data.test) == 20
-    # ToTensor's scaling: uint8 / 255, no normalisation.
-    assert torch.equal(data.train.images[:, 0], torch.from_numpy(images).float() / 255)
+    # The file's bytes as they are: the training step scales them per batch (ToTensor's / 255).
+    assert torch.equal(data.train.images[:, 0], torch.from_numpy(images))
     assert torch.equal(data.train.labels, torch.from_numpy(labels).long())
-    assert len(data.checksum) == 32
+    assert data.classes == [
+        f"{d} - {n}"
+        for d, n in enumerate(
+            ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+        )
+    ]
+    # One md5 over the four files' md5s, as logged (cnnlab.dataset_md5) before torchvision read.
+    assert data.checksum == hashlib.md5("".join(md5[k] for k in FILES).encode()).hexdigest()
 
 
 def flip_middle_byte(blob: bytes) -> bytes:
@@ -74,7 +85,7 @@ def test_labels_out_of_range_are_reported(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     md5 = write_dataset(raw, n_train=50, n_test=20)
     with pytest.raises(DataError, match="out of range for data.num_classes=5"):
-        load_dataset("mnist", str(tmp_path), "MNIST", 5, md5, mirrors=[])
+        load_dataset("mnist", "MNIST", str(tmp_path), md5, num_classes=5, download=False)
 
 
 @pytest.fixture
