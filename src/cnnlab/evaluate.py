@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from cnnlab.cli import command, compose_config, launch_path, store_uri
-from cnnlab.data import load_dataset
+from cnnlab.data import data_arguments, load_dataset
 from cnnlab.loop import evaluate
 from cnnlab.predict import add_trust_store
 from cnnlab.tracking import load_model
@@ -27,7 +27,7 @@ def evaluate_logged(
     """Test loss and accuracy of a logged model on the configured dataset's test split."""
     cfg = compose_config(overrides)
     model = load_model(model_ref, store_uri(cfg), trust_store)
-    data = load_dataset(**{**cfg.data, "root": str(launch_path(cfg.data.root))})
+    data = load_dataset(**data_arguments(cfg.data, launch_path(cfg.data.root)))
     loss, accuracy = evaluate(model, data.test, cfg.train.eval_batch_size)
     print(
         f"{model_ref} on {cfg.data.name} test ({len(data.test)} images): "

@@ -89,7 +89,7 @@ class DataConf:
     name: str = MISSING
     dataset: str = MISSING  # the torchvision.datasets class: MNIST, CIFAR10, ImageFolder, ...
     # torchvision's layout below it (<root>/MNIST/raw, ...); relative to the launch directory.
-    root: str = "${oc.env:CNNLAB_DATA_ROOT,data}"
+    root: str | None = "${oc.env:CNNLAB_DATA_ROOT,data}"  # None: not set (ImageFolder's default)
     split: str | None = None  # EMNIST's split (balanced, letters, ...); QMNIST's test set
     num_classes: int | None = None  # None: from the data (ImageFolder: its class folders)
     # md5 of each uncompressed file, keyed train_images/... (IDX sets) or by file name (CIFAR).
@@ -283,7 +283,7 @@ def validate(cfg: DictConfig) -> None:
 
 def _validate_data(data: DictConfig) -> None:
     """data.dataset, data.split and data.md5's keys against what the dataset has."""
-    if OmegaConf.is_missing(data, "root") and data.get("dataset") == "ImageFolder":
+    if data.get("root") is None:
         raise ConfigError(
             "data.root is not set: set data.root=<folder> holding train/<class>/... and "
             "test/<class>/... (or only <class>/ folders)"
@@ -292,8 +292,9 @@ def _validate_data(data: DictConfig) -> None:
         return
     dataset = data.dataset
     if dataset not in DATASETS:
-        guess = difflib.get_close_matches(dataset, DATASETS, n=1, cutoff=0.5)
-        hint = f"did you mean {guess[0]}? " if guess else ""
+        lower = {name.lower(): name for name in DATASETS}  # mnist, cifar10: the option's name
+        guess = difflib.get_close_matches(dataset.lower(), lower, n=1, cutoff=0.5)
+        hint = f"did you mean {lower[guess[0]]}? " if guess else ""
         raise ConfigError(
             f"data.dataset={dataset} is not supported; {hint}choose one of {', '.join(DATASETS)}"
         )

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from cnnlab import CnnlabError, checkpoint, interrupts, schema, sweep
 from cnnlab.checkpoint import Progress
 from cnnlab.cli import CONF_DIR, launch_path, run_cli, store_uri
-from cnnlab.data import Dataset, Split, load_dataset
+from cnnlab.data import Dataset, Split, data_arguments, load_dataset
 from cnnlab.hardware import setup_hardware
 from cnnlab.loop import TrainingInterrupted, evaluate, train_one_epoch
 from cnnlab.provenance import command_line_overrides, log_config, requirements, run_tags
@@ -62,7 +62,7 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
     # a joblib worker cores // parallel jobs: loky starts workers with OMP_NUM_THREADS so).
     device = setup_hardware(cfg.hardware)
 
-    data = load_dataset(**{**cfg.data, "root": str(launch_path(cfg.data.root))})
+    data = load_dataset(**data_arguments(cfg.data, launch_path(cfg.data.root)))
     train_split, test_split = data.train.to(device), data.test.to(device)
 
     model, optimizer = build_model(cfg, data, device)
