@@ -469,3 +469,20 @@ def test_a_config_logged_before_data_dataset_is_typed_and_loads(tiny_data, compo
     assert cfg.data.dataset == "MNIST" and "folder" not in cfg.data
     data = load_dataset(**data_arguments(cfg.data, root))
     assert data.checksum == hashlib.md5("".join(md5[k] for k in FILES).encode()).hexdigest()
+
+
+def test_an_unwritable_cache_dir_costs_speed_not_the_run(tmp_path, monkeypatch, capsys):
+    md5 = write_dataset(tmp_path / "MNIST" / "raw", n_train=20, n_test=10)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("CNNLAB_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    assert len(load(tmp_path, md5).train) == 20
+    warning = capsys.readouterr().err.strip()
+    assert warning.startswith(f"cnnlab: cannot cache the decoded data in {tmp_path / 'a-file'}")
+    assert warning.endswith("set CNNLAB_CACHE_DIR to a writable folder")
+
+
+def test_data_arguments_leave_preprocessing_to_the_training_step(tmp_path):
+    args = data_arguments(
+        {"dataset": "MNIST", "root": "data", "preprocess": {"flip": True}}, tmp_path
+    )
+    assert args == {"dataset": "MNIST", "root": str(tmp_path)}
