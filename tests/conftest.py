@@ -4,6 +4,7 @@ on SQLite, and the team deployment (mlflow server on PostgreSQL 15)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -95,6 +96,19 @@ def team_server(postgres, tmp_path_factory) -> MlflowServer:
     server = MlflowServer(folder, cli_env(), backend_store_uri=postgres.uri)
     yield server.start(timeout=300)  # a new database is migrated first
     server.kill()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache_dir(tmp_path_factory):
+    # Decoded datasets are cached in the user's cache dir: never ~/.cache from a test. Set in
+    # os.environ, so cnnlab subprocesses inherit it; one per session, so tests share warm caches.
+    previous = os.environ.get("CNNLAB_CACHE_DIR")
+    os.environ["CNNLAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("cnnlab-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("CNNLAB_CACHE_DIR", None)
+    else:
+        os.environ["CNNLAB_CACHE_DIR"] = previous
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import os
+import pickle
 import resource
 import select
 import signal
@@ -46,9 +47,12 @@ def unavailable(component: str, why: str):
 
 # ------------------------------------------------------------------------------------ datasets
 def idx_bytes(array: np.ndarray) -> bytes:
-    """Encode a uint8 array as an IDX file: magic (0, 0, 0x08, ndim), big-endian dims, data."""
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(np.uint8).tobytes()
+    """Encode an array as an IDX file: magic (0, 0, type, ndim), big-endian dims, data. uint8
+    arrays become type 0x08 (ubyte), integer ones 0x0C (big-endian int32, QMNIST's labels)."""
+    ints = array.dtype != np.uint8
+    header = bytes([0, 0, 0x0C if ints else 0x08, array.ndim])
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(">i4" if ints else np.uint8).tobytes()
 
 
 def synthetic_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,12 +67,24 @@ def synthetic_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_dataset(
-    raw_dir: Path, n_train: int = 600, n_test: int = 200, gz: bool = False
+    raw_dir: Path,
+    n_train: int = 600,
+    n_test: int = 200,
+    gz: bool = False,
+    files: dict[str, str] = FILES,
+    qmnist_labels: bool = False,
 ) -> dict[str, str]:
-    """Write the four IDX files into raw_dir; return their md5s keyed like conf/data md5."""
+    """Write the four IDX files into raw_dir (under `files`' names: EMNIST's, QMNIST's, ...);
+    return their md5s keyed like conf/data md5. qmnist_labels: labels as QMNIST writes them,
+    idx2-int (N, 8) with the class in column 0 and NIST's metadata after it."""
     raw_dir.mkdir(parents=True, exist_ok=True)
     train_x, train_y = synthetic_split(n_train, seed=1)
     test_x, test_y = synthetic_split(n_test, seed=2)
+    if qmnist_labels:
+        train_y, test_y = (
+            np.column_stack([y.astype(np.int32), np.arange(len(y))[:, None] + np.arange(7) * 1000])
+            for y in (train_y, test_y)
+        )
     arrays = {
         "train_images": train_x, "train_labels": train_y,
         "test_images": test_x, "test_labels": test_y,
@@ -77,9 +93,119 @@ def write_dataset(
     for key, array in arrays.items():
         blob = idx_bytes(array)
         md5[key] = hashlib.md5(blob).hexdigest()
-        name = FILES[key] + (".gz" if gz else "")
+        name = files[key] + (".gz" if gz else "")
         (raw_dir / name).write_bytes(gzip.compress(blob) if gz else blob)
     return md5
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Pickles bytes as Python 2's str (SHORT_BINSTRING/BINSTRING), as CIFAR's batches were
+    written: Python 3 reads them back with encoding="latin1", keys as str, as torchvision does."""
+
+    def save_bytes(self, obj: bytes) -> None:
+        n = len(obj)
+        head = (
+            pickle.SHORT_BINSTRING + bytes([n])
+            if n < 256
+            else pickle.BINSTRING + struct.pack("<i", n)
+        )
+        self.write(head + obj)
+        self.memoize(obj)
+
+    dispatch = {**pickle._Pickler.dispatch, bytes: save_bytes}
+
+
+def python2_pickle(obj: object) -> bytes:
+    """`obj` pickled (protocol 2) the way Python 2 wrote CIFAR's files."""
+    out = io.BytesIO()
+    _Python2Pickler(out, protocol=2).dump(obj)
+    return out.getvalue()
+
+
+def cifar_split(n: int, seed: int, num_classes: int) -> tuple[np.ndarray, list[int]]:
+    """n CIFAR rows: (n, 3072) uint8 (the R plane, then G, then B, 32x32 each) and labels."""
+    rng = np.random.default_rng(seed)
+    return (
+        rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+        [int(v) for v in rng.integers(0, num_classes, size=n)],
+    )
+
+
+def write_cifar(folder: Path, dataset: str = "CIFAR10", n_train: int = 50, n_test: int = 20):
+    """CIFAR-10 (five data_batch_N, test_batch, batches.meta) or CIFAR-100 (train, test, meta)
+    in their real format: Python 2 pickles of dicts with b"data" (N, 3072) uint8 and b"labels"
+    (CIFAR-100: b"fine_labels" and b"coarse_labels"). Returns (md5 by file name, arrays)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if dataset == "CIFAR10":
+        classes = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog",
+                   b"horse", b"ship", b"truck"]  # fmt: skip
+        train_x, train_y = cifar_split(n_train, seed=1, num_classes=10)
+        test_x, test_y = cifar_split(n_test, seed=2, num_classes=10)
+        step = -(-n_train // 5)
+        batches = {
+            f"data_batch_{i + 1}": (train_x[i * step : (i + 1) * step],
+                                    train_y[i * step : (i + 1) * step])
+            for i in range(5)
+        }  # fmt: skip
+        batches["test_batch"] = (test_x, test_y)
+        contents = {
+            name: {b"batch_label": name.encode(), b"labels": y, b"data": x,
+                   b"filenames": [f"img_{j}.png".encode() for j in range(len(y))]}
+            for name, (x, y) in batches.items()
+        }  # fmt: skip
+        contents["batches.meta"] = {b"num_cases_per_batch": step, b"label_names": classes,
+                                    b"num_vis": 3072}  # fmt: skip
+    else:
+        classes = [f"class_{i:02d}".encode() for i in range(100)]
+        train_x, train_y = cifar_split(n_train, seed=1, num_classes=100)
+        test_x, test_y = cifar_split(n_test, seed=2, num_classes=100)
+        contents = {
+            name: {b"filenames": [b"x.png"] * len(y), b"batch_label": name.encode(),
+                   b"fine_labels": y, b"coarse_labels": [v // 5 for v in y], b"data": x}
+            for name, (x, y) in (("train", (train_x, train_y)), ("test", (test_x, test_y)))
+        }  # fmt: skip
+        contents["meta"] = {
+            b"fine_label_names": classes,
+            b"coarse_label_names": [f"super_{i}".encode() for i in range(20)],
+        }
+    md5 = {}
+    for name, content in contents.items():
+        blob = python2_pickle(content)
+        (folder / name).write_bytes(blob)
+        md5[name] = hashlib.md5(blob).hexdigest()
+    return md5, {"train": (train_x, train_y), "test": (test_x, test_y),
+                 "classes": [c.decode() for c in classes]}  # fmt: skip
+
+
+def write_image(path: Path, size: tuple[int, int], mode: str, value: int) -> None:
+    """A PNG of `size` (W, H) in PIL `mode` (L, RGB, RGBA, P, I;16), a gradient plus `value`."""
+    from PIL import Image
+
+    width, height = size
+    ramp = (np.arange(width)[None, :] + np.arange(height)[:, None] + value) % 256
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "I;16":
+        image = Image.fromarray((ramp * 257).astype(np.uint16))  # full 16-bit range
+    elif mode == "L":
+        image = Image.fromarray(ramp.astype(np.uint8))
+    else:
+        rgb = np.stack([ramp, (ramp + 80) % 256, (ramp + 160) % 256], axis=-1).astype(np.uint8)
+        image = Image.fromarray(rgb)
+        if mode == "RGBA":
+            image.putalpha(200)
+        elif mode == "P":
+            image = image.quantize(16)
+    image.save(path)
+
+
+def write_image_folder(root: Path, layout: dict[str, dict[str, int]]) -> None:
+    """An ImageFolder tree: layout {"train/cat": 3, "test/cat": 1} or {"cat": 5}: that many
+    PNGs per class folder, of mixed sizes and modes (L, RGB, RGBA, P, 16-bit grey)."""
+    modes = ["RGB", "L", "RGBA", "P", "I;16"]
+    for folder, count in layout.items():
+        for i in range(count):
+            size = (20 + 7 * i, 16 + 5 * (i % 3))
+            write_image(root / folder / f"img{i:03d}.png", size, modes[i % len(modes)], 13 * i)
 
 
 def data_overrides(root: Path, md5: dict[str, str]) -> list[str]:
@@ -89,6 +215,7 @@ def data_overrides(root: Path, md5: dict[str, str]) -> list[str]:
         *(f"data.md5.{key}={value}" for key, value in md5.items()),
         "data.mirrors=[]",
         "data.npm_package=null",
+        "data.download=false",
     ]
 
 

@@ -1,26 +1,45 @@
-"""Finding, fetching, verifying and loading IDX datasets, on synthetic files in the real format."""
+"""Finding, fetching, verifying, decoding and caching datasets, on synthetic files in each real
+format: IDX (MNIST's family, EMNIST's and QMNIST's names), CIFAR's pickled batches, an ImageFolder
+tree of PNGs."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import http.server
 import io
+import os
+import re
 import tarfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torchvision
+from omegaconf import OmegaConf
+from PIL import Image
 
-from cnnlab.data import FILES, DataError, load_dataset, parse_idx
-from cnnlab.schema import ConfigError, validate
-from helpers import idx_bytes, synthetic_split, write_dataset
+import cnnlab.data as data_module
+from cnnlab.data import FILES, DataError, data_arguments, dataset_files, load_dataset, parse_idx
+from cnnlab.schema import ConfigError, typed_config, validate
+from helpers import (
+    data_overrides,
+    idx_bytes,
+    synthetic_split,
+    write_cifar,
+    write_dataset,
+    write_image,
+    write_image_folder,
+)
 
 
 def load(root: Path, md5: dict[str, str], **sources) -> object:
     sources.setdefault("mirrors", [])
+    sources.setdefault("download", False)
     return load_dataset(
-        name="mnist", root=str(root), folder="MNIST", num_classes=10, md5=md5,
+        name="mnist", dataset="MNIST", root=str(root), num_classes=10, md5=md5,
         download_timeout=2, **sources,
     )  # fmt: skip
 
@@ -30,12 +49,19 @@ def test_loads_raw_and_gzipped_files_as_the_articles_tensors(tmp_path, gz):
     md5 = write_dataset(tmp_path / "MNIST" / "raw", n_train=50, n_test=20, gz=gz)
     data = load(tmp_path, md5)
     images, labels = synthetic_split(50, seed=1)
-    assert data.train.images.shape == (50, 1, 28, 28) and data.train.images.dtype == torch.float32
+    assert data.train.images.shape == (50, 1, 28, 28) and data.train.images.dtype == torch.uint8
     assert data.in_shape == (1, 28, 28) and len(data.test) == 20
-    # ToTensor's scaling: uint8 / 255, no normalisation.
-    assert torch.equal(data.train.images[:, 0], torch.from_numpy(images).float() / 255)
+    # The file's bytes as they are: the training step scales them per batch (ToTensor's / 255).
+    assert torch.equal(data.train.images[:, 0], torch.from_numpy(images))
     assert torch.equal(data.train.labels, torch.from_numpy(labels).long())
-    assert len(data.checksum) == 32
+    assert data.classes == [
+        f"{d} - {n}"
+        for d, n in enumerate(
+            ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+        )
+    ]
+    # One md5 over the four files' md5s, as logged (cnnlab.dataset_md5) before torchvision read.
+    assert data.checksum == hashlib.md5("".join(md5[k] for k in FILES).encode()).hexdigest()
 
 
 def flip_middle_byte(blob: bytes) -> bytes:
@@ -74,7 +100,7 @@ def test_labels_out_of_range_are_reported(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     md5 = write_dataset(raw, n_train=50, n_test=20)
     with pytest.raises(DataError, match="out of range for data.num_classes=5"):
-        load_dataset("mnist", str(tmp_path), "MNIST", 5, md5, mirrors=[])
+        load_dataset("mnist", "MNIST", str(tmp_path), md5, num_classes=5, download=False)
 
 
 @pytest.fixture
@@ -208,3 +234,255 @@ def test_an_md5_that_is_not_32_hex_digits_is_a_config_error_not_a_bad_file(compo
         f"data.md5.train_labels={value} is invalid: expected 32 lowercase hex digits; "
         "set data.md5.train_labels=<value>"
     )
+
+
+# ------------------------------------------------------------------ each torchvision reader
+@pytest.mark.parametrize("dataset", ["FashionMNIST", "KMNIST"])
+def test_mnist_family_reads_its_own_folder_and_class_names(tmp_path, dataset):
+    write_dataset(tmp_path / dataset / "raw", n_train=30, n_test=10, gz=True)
+    data = load_dataset("x", dataset, str(tmp_path), download=False)
+    assert data.source == tmp_path / dataset / "raw" and data.num_classes == 10
+    assert data.classes == list(getattr(torchvision.datasets, dataset).classes)
+    assert torch.equal(data.test.images[:, 0], torch.from_numpy(synthetic_split(10, seed=2)[0]))
+
+
+def test_emnist_reads_the_configured_split(tmp_path):
+    files = dataset_files("EMNIST", "digits")
+    assert files["train_images"] == "emnist-digits-train-images-idx3-ubyte"
+    md5 = write_dataset(tmp_path / "EMNIST" / "raw", n_train=30, n_test=10, files=files)
+    data = load_dataset("emnist", "EMNIST", str(tmp_path), md5, split="digits", download=False)
+    assert data.classes == list("0123456789") and len(data.train) == 30
+    assert torch.equal(data.train.labels, torch.from_numpy(synthetic_split(30, seed=1)[1]).long())
+
+
+def test_qmnist_takes_the_class_column_of_its_int_labels_and_the_chosen_test_set(tmp_path):
+    raw = tmp_path / "QMNIST" / "raw"
+    md5 = write_dataset(raw, n_train=30, n_test=10, files=dataset_files("QMNIST"),
+                        qmnist_labels=True)  # fmt: skip
+    assert parse_idx((raw / "qmnist-test-labels-idx2-int").read_bytes()).shape == (10, 8)
+    data = load_dataset("qmnist", "QMNIST", str(tmp_path), md5, split="test10k", download=False)
+    assert torch.equal(data.test.labels, torch.from_numpy(synthetic_split(10, seed=2)[1]).long())
+    assert data.train.labels.dtype == torch.int64 and data.num_classes == 10
+
+
+@pytest.mark.parametrize("dataset,folder", [("CIFAR10", "cifar-10-batches-py"),
+                                            ("CIFAR100", "cifar-100-python")])  # fmt: skip
+def test_cifar_reads_pickled_batches_verified_by_our_md5s_not_torchvisions(
+    tmp_path, dataset, folder
+):
+    md5, arrays = write_cifar(tmp_path / folder, dataset, n_train=50, n_test=20)
+    data = load_dataset("c", dataset, str(tmp_path), md5, download=False)
+    train_x, train_y = arrays["train"]
+    assert data.train.images.shape == (50, 3, 32, 32) and data.train.images.dtype == torch.uint8
+    # Each row is the red plane, then green, then blue: (3, 32, 32) as it lies.
+    assert torch.equal(data.train.images, torch.from_numpy(train_x).view(50, 3, 32, 32))
+    assert data.train.labels.tolist() == train_y and len(data.test) == 20
+    assert data.classes == arrays["classes"] and data.num_classes == len(arrays["classes"])
+    batch = next(iter(md5))
+    (tmp_path / folder / batch).write_bytes(
+        flip_middle_byte((tmp_path / folder / batch).read_bytes())
+    )
+    with pytest.raises(DataError, match=f"{batch} is corrupt or truncated"):
+        load_dataset("c", dataset, str(tmp_path), md5, download=False)
+
+
+def test_image_folder_with_train_and_test_converts_and_resizes_every_mode_once(tmp_path):
+    write_image_folder(tmp_path, {"train/cat": 5, "train/dog": 5, "test/cat": 2, "test/dog": 3})
+    data = load_dataset("mine", "ImageFolder", str(tmp_path), image_size=[12, 16], channels=3)
+    assert data.train.images.shape == (10, 3, 12, 16) and data.train.images.dtype == torch.uint8
+    assert data.test.images.shape == (5, 3, 12, 16) and data.test.labels.tolist() == [0, 0, 1, 1, 1]
+    assert data.classes == ["cat", "dog"] and data.num_classes == 2 and data.source == tmp_path
+    grey = load_dataset("mine", "ImageFolder", str(tmp_path), image_size=[12, 16], channels=1)
+    assert grey.in_shape == (1, 12, 16)
+
+
+def test_image_folder_scales_16_bit_images_instead_of_clipping(tmp_path):
+    for i, value in enumerate([0, 128, 255]):
+        write_image(tmp_path / "train" / "a" / f"{i}.png", (4, 4), "I;16", 0)
+        path = tmp_path / "train" / "a" / f"{i}.png"
+        Image.fromarray(np.full((4, 4), value * 257, dtype=np.uint16)).save(path)
+        write_image(tmp_path / "test" / "a" / f"{i}.png", (4, 4), "L", value)
+    data = load_dataset("g", "ImageFolder", str(tmp_path))
+    assert data.in_shape == (1, 4, 4)  # channels=null: grey, as every image is
+    assert data.train.images[:, 0, 0, 0].tolist() == [0, 128, 255]
+
+
+def test_image_folder_of_class_folders_splits_off_a_seeded_stratified_test_fraction(tmp_path):
+    write_image_folder(tmp_path, {"a": 10, "b": 5, "c": 2})
+
+    def split(seed):
+        return load_dataset("m", "ImageFolder", str(tmp_path), image_size=[8, 8],
+                            test_fraction=0.2, split_seed=seed)  # fmt: skip
+
+    data = split(0)
+    assert data.test.labels.tolist() == [0, 0, 1, 2]  # 20% of each class, at least one
+    assert len(data.train) == 13 and data.train.labels.bincount().tolist() == [8, 4, 1]
+    again, other = split(0).test.images.clone(), split(1).test.images
+    assert torch.equal(again, data.test.images) and not torch.equal(other, data.test.images)
+
+
+@pytest.mark.parametrize(
+    "make,overrides,message",
+    [
+        (lambda r: None, {}, "is not a folder; point data.root at your images"),
+        (lambda r: (r / "a").mkdir(parents=True), {}, "Found no valid file for the classes a"),
+        (lambda r: (r / "train" / "a").mkdir(parents=True), {}, "has train/ but no test/"),
+        (lambda r: (r / "a").mkdir(parents=True) or (r / "a" / "x.png").write_bytes(b"no png"),
+         {}, "a/x.png is not a readable image"),
+        (lambda r: write_image_folder(r, {"a": 2, "b": 2}), {"num_classes": 3},
+         "data.num_classes=3 but"),
+        (lambda r: write_image_folder(r, {"a": 2, "b": 2}), {"image_size": None},
+         "set data.image_size=[H,W]"),
+    ],
+)  # fmt: skip
+def test_image_folder_problems_name_the_file_and_the_fix(tmp_path, make, overrides, message):
+    root = tmp_path / "images"
+    make(root)
+    args = {"image_size": [8, 8], **overrides}
+    with pytest.raises(DataError, match=re.escape(message)) as info:
+        load_dataset("m", "ImageFolder", str(root), **args)
+    assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------- the cache
+def cache_files() -> list[Path]:
+    return sorted(Path(os.environ["CNNLAB_CACHE_DIR"]).glob("*.pt"))
+
+
+def test_decoded_data_is_cached_once_reused_and_rebuilt_when_a_file_changes(tmp_path, monkeypatch):
+    raw = tmp_path / "ro" / "MNIST" / "raw"
+    md5 = write_dataset(raw, n_train=30, n_test=10, gz=True)
+    before = cache_files()
+    first = load(tmp_path / "ro", md5)
+    [cached] = sorted(set(cache_files()) - set(before))  # the user's cache dir, not their folder
+    assert [p.name for p in raw.iterdir()] and not list((tmp_path / "ro").rglob(".cnnlab*"))
+    stamp = cached.stat().st_mtime_ns
+    data_module._LOADED.clear()  # a new process: only the cache file is left
+
+    def no_decoding(*args):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(data_module, "_read_with_torchvision", no_decoding)
+    second = load(tmp_path / "ro", md5)
+    assert second is not first and torch.equal(second.train.images, first.train.images)
+    assert cached.stat().st_mtime_ns == stamp and second.checksum == first.checksum
+    monkeypatch.undo()
+    # A file replaced by a good copy of other data: decoded, verified and cached again.
+    md5 = write_dataset(raw, n_train=40, n_test=10, gz=True)
+    assert len(load(tmp_path / "ro", md5).train) == 40
+    assert not cached.exists() and len(cache_files()) == len(before) + 1  # the stale one went
+
+
+def test_a_set_cnnlab_fetched_keeps_its_cache_beside_the_data(tmp_path, gz_source):
+    folder, md5 = gz_source
+    before = cache_files()
+    load(tmp_path / "root", md5, debian_dir=str(folder))
+    home = tmp_path / "root" / "MNIST"
+    assert (home / ".cnnlab-created").is_file() and len(list(home.glob(".cnnlab-cache/*.pt"))) == 1
+    assert cache_files() == before
+
+
+def test_a_gzipped_read_only_set_is_read_without_writing_beside_it(tmp_path):
+    raw = tmp_path / "ro" / "MNIST" / "raw"
+    md5 = write_dataset(raw, n_train=20, n_test=10, gz=True)
+    for path in [*raw.iterdir(), raw, raw.parent]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        assert len(load(tmp_path / "ro", md5).train) == 20
+        assert sorted(p.name for p in raw.iterdir()) == sorted(f"{f}.gz" for f in FILES.values())
+    finally:
+        for path in [raw.parent, raw]:
+            path.chmod(0o755)
+
+
+# --------------------------------------------------------------------- torchvision's download
+def test_torchvision_download_fills_the_folder_when_no_mirror_is_configured(
+    tmp_path, gz_source, http_mirror, monkeypatch, capsys
+):
+    folder, md5 = gz_source
+    # torchvision's own MNIST download, pointed at the loopback mirror and the synthetic .gz md5s.
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [http_mirror])
+    monkeypatch.setattr(torchvision.datasets.MNIST, "resources", [
+        (f"{name}.gz", hashlib.md5((folder / f"{name}.gz").read_bytes()).hexdigest())
+        for name in FILES.values()
+    ])  # fmt: skip
+    data = load(tmp_path / "root", md5, download=True)
+    assert len(data.train) == 50
+    out = capsys.readouterr().out
+    assert out.strip() == f"Fetched mnist from torchvision's download into {data.source}"
+    assert sorted(p.name for p in data.source.iterdir()) == sorted(FILES.values())
+
+
+def test_torchvision_download_failures_join_the_one_line_error_and_leave_nothing(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    md5 = dict.fromkeys(FILES, "0" * 32)
+    with pytest.raises(DataError) as info:
+        load(tmp_path / "root", md5, mirrors=["http://127.0.0.1:9/m/"], download=True)
+    message = str(info.value)
+    assert "\n" not in message and "mirror http://127.0.0.1:9/m/" in message
+    assert "torchvision's download: Error downloading train-images-idx3-ubyte.gz" in message
+    assert not (tmp_path / "root").exists()
+
+
+# ---------------------------------------------------------------------------------- the schema
+@pytest.mark.parametrize("option", ["mnist", "fashion_mnist", "kmnist", "emnist", "qmnist",
+                                    "cifar10", "cifar100"])  # fmt: skip
+def test_every_data_option_composes_and_validates(compose_cfg, option):
+    cfg = compose_cfg([f"data={option}"])
+    validate(cfg)
+    args = data_arguments(cfg.data, Path("/somewhere"))
+    assert args["root"] == "/somewhere" and args["dataset"] == cfg.data.dataset
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["data=imagefolder"], "data.root is not set: set data.root=<folder>"),
+        (["data.dataset=mnist"], "data.dataset=mnist is not supported; did you mean MNIST?"),
+        (["data.dataset=FashionMnist"], "did you mean FashionMNIST?"),
+        (["+data.md5.train_lables=" + "0" * 32], "data.md5.train_lables is not a file of MNIST; "
+                                                 "did you mean data.md5.train_labels?"),
+        (["data=emnist", "data.split=letter"], "data.split=letter is not a EMNIST split"),
+        (["data.split=balanced"], "data.split=balanced has no meaning for MNIST"),
+        (["data.image_size=[32,32]"], "data.image_size applies to ImageFolder only"),
+        (["data=imagefolder", "data.root=/x", "data.channels=2"], "data.channels=2 is invalid"),
+        (["data=imagefolder", "data.root=/x", "data.test_fraction=1"], "data.test_fraction=1"),
+        (["data=imagefolder", "data.root=/x", "data.image_size=[0,4]"], "data.image_size=[0, 4]"),
+    ],
+)  # fmt: skip
+def test_data_config_mistakes_fail_in_one_line_naming_the_fix(compose_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(compose_cfg(overrides))
+
+
+def test_a_config_logged_before_data_dataset_is_typed_and_loads(tiny_data, compose_cfg):
+    root, md5 = tiny_data
+    tree = OmegaConf.to_container(compose_cfg(data_overrides(root, md5)), resolve=True)
+    legacy = {k: v for k, v in tree["data"].items()
+              if k in ("name", "root", "num_classes", "md5", "mirrors", "npm_package",
+                       "debian_dir", "download_timeout")}  # fmt: skip
+    tree["data"] = {**legacy, "folder": "MNIST"}
+    cfg = typed_config(tree)
+    validate(cfg)
+    assert cfg.data.dataset == "MNIST" and "folder" not in cfg.data
+    data = load_dataset(**data_arguments(cfg.data, root))
+    assert data.checksum == hashlib.md5("".join(md5[k] for k in FILES).encode()).hexdigest()
+
+
+def test_an_unwritable_cache_dir_costs_speed_not_the_run(tmp_path, monkeypatch, capsys):
+    md5 = write_dataset(tmp_path / "MNIST" / "raw", n_train=20, n_test=10)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("CNNLAB_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    assert len(load(tmp_path, md5).train) == 20
+    warning = capsys.readouterr().err.strip()
+    assert warning.startswith(f"cnnlab: cannot cache the decoded data in {tmp_path / 'a-file'}")
+    assert warning.endswith("set CNNLAB_CACHE_DIR to a writable folder")
+
+
+def test_data_arguments_leave_preprocessing_to_the_training_step(tmp_path):
+    args = data_arguments(
+        {"dataset": "MNIST", "root": "data", "preprocess": {"flip": True}}, tmp_path
+    )
+    assert args == {"dataset": "MNIST", "root": str(tmp_path)}

