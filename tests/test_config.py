@@ -24,7 +24,13 @@ def test_each_group_has_the_options_the_readme_promises():
     assert GROUPS == {
         "model": ["convnet", "mlp"],
         "data": [
-            "cifar10", "cifar100", "emnist", "fashion_mnist", "imagefolder", "kmnist", "mnist",
+            "cifar10",
+            "cifar100",
+            "emnist",
+            "fashion_mnist",
+            "imagefolder",
+            "kmnist",
+            "mnist",
             "qmnist",
         ],  # fmt: skip
         "optimizer": ["adam", "adamw", "sgd"],

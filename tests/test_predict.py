@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import struct
 import zipfile
 import zlib
@@ -168,6 +169,8 @@ def test_predict_answers_every_good_image_and_refuses_each_hostile_file(logged, 
     )  # fmt: skip
     assert done.returncode == 1
     assert [line.split(":")[0] for line in done.stdout.splitlines()] == ["first.png", "last.png"]
+    # The class names the run logged with its model (torchvision's MNIST names them "7 - seven").
+    assert re.match(r"first\.png: class (\d) \(\1 - \w+, p=", done.stdout)
     assert done.stderr.splitlines() == [
         "cnnlab-predict: error: fifo.png: cannot read an image (a FIFO, not a regular file)",
         "cnnlab-predict: error: bomb.png: cannot read an image (over the 64-megapixel limit)",

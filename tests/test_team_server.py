@@ -113,7 +113,7 @@ def test_a_parallel_sweep_through_the_password_proxy_lands_whole(
         env=credentials_env(),
     )  # fmt: skip
     assert predicted.returncode == 0, predicted.stderr
-    assert re.match(r"digit\.png: class \d \(p=", predicted.stdout)
+    assert re.match(r"digit\.png: class (\d) \(\1 - \w+, p=", predicted.stdout)
     assert_no_secret(evaluated.stdout + evaluated.stderr, predicted.stdout + predicted.stderr)
 
 

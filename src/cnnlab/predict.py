@@ -127,9 +127,13 @@ def predict(
         with torch.no_grad():
             probabilities = torch.softmax(model(x), dim=1)[0]
         label = int(probabilities.argmax())
+        name_of = f"{model.classes[label]}, " if model.classes else ""  # e.g. "cat, "
         shown = " ".join(f"{i}:{p:.3f}" for i, p in enumerate(probabilities.tolist()))
         note = " (inverted: dark strokes on a light background)" if inverted else ""
-        print(f"{name}: class {label} (p={probabilities[label]:.3f}){note}  [{shown}]", flush=True)
+        print(
+            f"{name}: class {label} ({name_of}p={probabilities[label]:.3f}){note}  [{shown}]",
+            flush=True,
+        )
     return failures
 
 

@@ -524,8 +524,17 @@ class Tracker:
         self.journal.append({"op": "file", "src": str(staged.relative_to(self.journal.folder)),
                              "dir": artifact_dir or None})  # fmt: skip
 
-    def log_model(self, model: Any, input_example: np.ndarray, requirements: list[str]) -> None:
-        """Save `model` as an MLflow PyTorch model (pt2) and queue it; sets cnnlab.model_uri."""
+    def log_model(
+        self,
+        model: Any,
+        input_example: np.ndarray,
+        requirements: list[str],
+        classes: list[str] | None = None,
+    ) -> None:
+        """Save `model` as an MLflow PyTorch model (pt2) and queue it; sets cnnlab.model_uri.
+
+        `classes` (names by label) go into the MLmodel's metadata, for cnnlab-predict.
+        """
         # A copy whose parameters own their storage: in training they are views into one flat
         # buffer (step.flat_parameters), which the exported program would store whole per view.
         model = copy.deepcopy(model).cpu().eval()
@@ -542,6 +551,7 @@ class Tracker:
             input_example=input_example,
             # Given, not inferred: inference re-imports the model in a subprocess (seconds).
             pip_requirements=requirements,
+            metadata={"cnnlab.classes": list(classes)} if classes else None,
         )
         self.journal.append({"op": "model", "src": str(staged.relative_to(self.journal.folder)),
                              "experiment_id": self.experiment_id})  # fmt: skip
@@ -599,11 +609,14 @@ class Tracker:
 class LoadedModel(torch.nn.Module):
     """A logged model as an ordinary module: (B, C, H, W) images -> (B, classes) logits."""
 
-    def __init__(self, network: Any, in_shape: tuple[int, ...]) -> None:
+    def __init__(
+        self, network: Any, in_shape: tuple[int, ...], classes: list[str] | None = None
+    ) -> None:
         super().__init__()
         # Held outside the module tree: an exported program refuses .train() and .eval().
         self.__dict__["network"] = network
         self.in_shape = in_shape  # (C, H, W) of one image, from the model's signature
+        self.classes = classes  # names by label, where the run logged them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the logged network."""
@@ -653,7 +666,16 @@ def load_model(model_ref: str, tracking_uri: str, trust_store: bool = False) -> 
                     f"{exported.TRUST_STORE_HINT}"
                 ) from exc
             network = exported.rebuilt_network(config, in_shape, num_classes, archive, model_uri)
-    return LoadedModel(network, in_shape)
+    return LoadedModel(network, in_shape, _class_names(mlmodel, num_classes))
+
+
+def _class_names(mlmodel: dict[str, Any], num_classes: int) -> list[str] | None:
+    # Plain YAML data, used only if it is what cnnlab writes: one string per class.
+    metadata = mlmodel.get("metadata")
+    names = metadata.get("cnnlab.classes") if isinstance(metadata, dict) else None
+    if isinstance(names, list) and len(names) == num_classes:
+        return [str(n) for n in names]
+    return None
 
 
 def run_children(client: MlflowClient, experiment_id: str, run_id: str) -> list[dict[str, Any]]:
@@ -729,7 +751,13 @@ class NullTracker:
     def log_checkpoint(self, path: Path) -> None:
         """Log nothing."""
 
-    def log_model(self, model: Any, input_example: np.ndarray, requirements: list[str]) -> None:
+    def log_model(
+        self,
+        model: Any,
+        input_example: np.ndarray,
+        requirements: list[str],
+        classes: list[str] | None = None,
+    ) -> None:
         """Log nothing."""
 
     def end(self, status: str) -> None:

@@ -73,10 +73,12 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
         run,
         progress,
     ):
+        if not cfg.train.resume:
+            run.log_dict(data.classes, "data/classes.yaml")  # names by label, e.g. ImageFolder's
         accuracy = fit(cfg, model, optimizer, train_split, test_split, run, progress)
         if cfg.tracking.log_model:
             example = to_float(data.test.images[:2]).numpy()  # (2, C, H, W) in [0, 1]
-            run.log_model(model, example, requirements())  # tags the run cnnlab.model_uri
+            run.log_model(model, example, requirements(), data.classes)  # tags cnnlab.model_uri
     print("Training process has finished.")
     return accuracy
 
