@@ -25,6 +25,7 @@ from cnnlab.cli import CONF_DIR, launch_path, run_cli, store_uri
 from cnnlab.data import Dataset, Split, load_dataset
 from cnnlab.hardware import setup_hardware
 from cnnlab.loop import TrainingInterrupted, evaluate, train_one_epoch
+from cnnlab.models import build_network
 from cnnlab.provenance import command_line_overrides, log_config, requirements, run_tags
 from cnnlab.step import TrainStep, flat_parameters
 from cnnlab.sweep import in_sweep, job_tags, nan_for_a_failed_job, remember_job_run, requeued_run
@@ -85,8 +86,7 @@ def build_model(
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The seeded model on `device`, and its optimizer over one flat parameter buffer."""
     torch.manual_seed(cfg.train.seed)  # the article seeds right before the model initialises
-    model = instantiate(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes)
-    model = model.to(device)
+    model = build_network(cfg.model, data.in_shape, data.num_classes).to(device)
     optimizer = instantiate(cfg.optimizer, _convert_="all")([flat_parameters(model)])
     return model, optimizer
 
@@ -239,7 +239,7 @@ def hydra_main(cfg: DictConfig) -> float:
     try:
         return train(cfg)
     except Exception as exc:
-        if isinstance(exc.__cause__, CnnlabError):  # e.g. a model's error inside instantiate()
+        if isinstance(exc.__cause__, CnnlabError):  # e.g. an optimizer's inside instantiate()
             exc = exc.__cause__
         if in_sweep():  # the run is already marked FAILED with the reason; the sweep goes on
             sweep.record_failure(exc)
