@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -22,7 +23,7 @@ GROUPS = {
 
 def test_each_group_has_the_options_the_readme_promises():
     assert GROUPS == {
-        "model": ["convnet", "mlp"],
+        "model": ["convnet", "mlp", "resnet18", "torchvision"],
         "data": [
             "cifar10",
             "cifar100",
@@ -38,11 +39,14 @@ def test_each_group_has_the_options_the_readme_promises():
     }
 
 
+# Options that need a value of the user's to be complete.
+# Options that name what only the user knows: which torchvision model, where the images are.
+COMPLETED_BY = {"torchvision": ["model.name=mobilenet_v3_small"], "imagefolder": ["data.root=/x"]}
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g, options in GROUPS.items() for o in options])
 def test_every_option_composes_and_validates(compose_cfg, group, option):
-    # An image folder is the user's own: it has no default place.
-    root = ["data.root=/photos"] if option == "imagefolder" else []
-    cfg = compose_cfg([f"{group}={option}", *root])
+    cfg = compose_cfg([f"{group}={option}", *COMPLETED_BY.get(option, [])])
     schema.validate(cfg)
     assert OmegaConf.missing_keys(cfg) == set()
 
@@ -66,10 +70,18 @@ def test_optimizer_options_instantiate_with_their_keys(compose_cfg, option):
 
 
 @pytest.mark.parametrize("option", GROUPS["model"])
-def test_model_options_instantiate(compose_cfg, option):
-    cfg = compose_cfg([f"model={option}", "model.hidden=[16]"])
-    model = instantiate(cfg.model, in_shape=(1, 28, 28), num_classes=10)
-    assert type(model) is {"convnet": models.ConvNet, "mlp": models.MLP}[option]
+def test_model_options_build(compose_cfg, option):
+    cfg = compose_cfg([f"model={option}", *COMPLETED_BY.get(option, [])])
+    model = models.build_network(cfg.model, in_shape=(1, 28, 28), num_classes=10)
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert type(model).__name__ == {"convnet": "ConvNet", "mlp": "MLP"}.get(
+        option, "TorchvisionNet"
+    )
+
+
+def test_torchvision_needs_a_model_name(compose_cfg):
+    with pytest.raises(schema.ConfigError, match=r"^model.name has no value; set model.name="):
+        schema.validate(compose_cfg(["model=torchvision"]))
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cnnlab import CnnlabError, reference
-from cnnlab.models import MLP, ConvNet
+from cnnlab.models import MLP, ConvNet, TorchvisionNet
 
 
 def test_convnet_is_the_articles_network():
@@ -39,3 +39,32 @@ def test_models_follow_the_datas_shape_and_classes():
 def test_a_convnet_that_shrinks_the_image_away_is_a_clear_error():
     with pytest.raises(CnnlabError, match="shrinks a 28x28 image to nothing"):
         ConvNet(conv_channels=[8, 8, 8], kernel_size=11)
+
+
+def test_a_torchvision_model_takes_the_datas_channels_and_classes():
+    net = TorchvisionNet("resnet18", in_shape=(1, 28, 28), num_classes=7)
+    assert net.net.conv1.in_channels == 1 and net.net.conv1.stride == (2, 2)
+    assert net(torch.rand(2, 1, 28, 28)).shape == (2, 7)
+    small = TorchvisionNet("resnet18", in_shape=(3, 32, 32), num_classes=10, small_images=True)
+    assert (small.net.conv1.kernel_size, small.net.conv1.stride) == ((3, 3), (1, 1))
+    assert isinstance(small.net.maxpool, torch.nn.Identity)
+    # Not a ResNet: the first Conv2d wherever it is (MobileNet's features[0][0]).
+    mobile = TorchvisionNet("mobilenet_v3_small", in_shape=(1, 28, 28), num_classes=3)
+    assert mobile.net.features[0][0].in_channels == 1
+    assert mobile(torch.rand(2, 1, 28, 28)).shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        ({"name": "resnet81"}, r"^model.name=resnet81 is not a torchvision classification "
+         r"model; did you mean resnet18\? list them with: python -c .*list_models"),
+        ({"name": "vgg11", "small_images": True}, "^model.small_images=true needs a ResNet-style "
+         "stem .* vgg11 has not; set model.small_images=false$"),
+        ({"name": "resnet18", "kwargs": {"weights": "DEFAULT"}},
+         "^model.kwargs.weights: it is built untrained; remove the key$"),
+    ],
+)  # fmt: skip
+def test_a_torchvision_model_that_cannot_be_built_is_one_line(arguments, message):
+    with pytest.raises(CnnlabError, match=message):
+        TorchvisionNet(in_shape=(3, 32, 32), num_classes=10, **arguments)

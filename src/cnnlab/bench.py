@@ -34,7 +34,6 @@ from typing import Any
 import hydra
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab import CnnlabError, reference, schema
@@ -43,7 +42,7 @@ from cnnlab.cli import CONF_DIR, compose_config, launch_path, run_cli
 from cnnlab.data import Dataset, Split, data_arguments, load_dataset
 from cnnlab.hardware import setup_hardware
 from cnnlab.loop import train_one_epoch
-from cnnlab.models import ConvNet
+from cnnlab.models import ConvNet, build_network
 from cnnlab.preprocess import to_float
 from cnnlab.provenance import flatten
 from cnnlab.reference import article_training
@@ -84,7 +83,7 @@ def flops_per_sample(cfg: DictConfig, in_shape: tuple[int, ...], num_classes: in
     """Forward + backward FLOPs of one training sample, counted by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = instantiate(cfg.model, in_shape=in_shape, num_classes=num_classes)
+    model = build_network(cfg.model, in_shape, num_classes)
     x, y = torch.rand(8, *in_shape), torch.randint(0, num_classes, (8,))
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x), y).backward()

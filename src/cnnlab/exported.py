@@ -2,8 +2,9 @@
 
 MLflow loads a PyTorch model with torch.load (a pickle) or torch.export.load, which unpickles
 records and eval()s the graph's shape expressions: a crafted model runs code on the reader's
-machine. Here the network is rebuilt from its run's logged config (only cnnlab's own classes) and
-given the weights read out of the model's pt2 archive as plain tensors.
+machine. Here the network is rebuilt from its run's logged config (models.build_network: only a
+torch.nn.Module class, never from the standard library) and given the weights read out of the
+model's pt2 archive as plain tensors.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab import CnnlabError, models, schema
@@ -29,7 +29,11 @@ class ModelFileError(CnnlabError):
 TRUST_STORE_HINT = "pass --trust-store if you trust the store that wrote it"
 
 # torch.export's ScalarType numbers (torch/_export/serde/schema.py): part of its archive format.
-_EXPORT_DTYPES = {6: torch.float16, 7: torch.float32, 8: torch.float64, 13: torch.bfloat16}
+# The integers and bool are buffers, e.g. BatchNorm's num_batches_tracked (int64).
+_EXPORT_DTYPES = {
+    1: torch.uint8, 2: torch.int8, 3: torch.int16, 4: torch.int32, 5: torch.int64,
+    6: torch.float16, 7: torch.float32, 8: torch.float64, 12: torch.bool, 13: torch.bfloat16,
+}  # fmt: skip
 
 
 def signature_shapes(mlmodel: dict[str, Any], model_uri: str) -> tuple[tuple[int, ...], int]:
@@ -78,17 +82,10 @@ def rebuilt_network(
     model_uri: str,
 ) -> torch.nn.Module:
     """The logged config's model, built without memory (meta), given the archive's weights."""
-    classes = {"cnnlab.models.ConvNet": models.ConvNet, "cnnlab.models.MLP": models.MLP}
     try:
-        cfg = schema.typed_config(config)  # typed keys; an unknown _target_ is an error
+        cfg = schema.typed_config(config)  # typed keys; a _target_ that is no model is an error
         schema.validate(cfg)
-        kwargs = OmegaConf.to_container(cfg.model)
-        cls = classes[kwargs.pop("_target_")]
-        with torch.device("meta"):
-            network = cls(in_shape=in_shape, num_classes=num_classes, **kwargs)
-            pre = cfg.data.preprocess
-            network = with_normalization(network, pre.mean, pre.std)  # its buffers are weights
-        network.load_state_dict(weights(archive), strict=True, assign=True)
+        network = _network_with(cfg, in_shape, num_classes, weights(archive))
     except (
         CnnlabError, OmegaConfBaseException, AttributeError, KeyError, TypeError, ValueError,
         RuntimeError, zipfile.BadZipFile,
@@ -100,6 +97,32 @@ def rebuilt_network(
             f"({exc.__class__.__name__}: {reason}); {TRUST_STORE_HINT}"
         ) from exc
     return network.eval()
+
+
+def _network_with(
+    cfg: Any, in_shape: tuple[int, ...], num_classes: int, state: dict[str, torch.Tensor]
+) -> torch.nn.Module:
+    # Built on the meta device (no memory, no initialisation), then given the tensors. A class
+    # with a buffer that is not in the state dict (persistent=False), or whose constructor
+    # cannot run on meta, is built again on the CPU: its errors are then the real ones.
+    def build() -> torch.nn.Module:
+        network = models.build_network(cfg.model, in_shape, num_classes)
+        pre = cfg.data.preprocess  # normalisation is the first layer; its buffers are weights
+        return with_normalization(network, pre.mean, pre.std, in_shape[0])
+
+    try:
+        with torch.device("meta"):
+            network = build()
+        network.load_state_dict(state, strict=True, assign=True)
+        if not any(t.is_meta for t in (*network.parameters(), *network.buffers())):
+            return network
+    except CnnlabError:
+        raise
+    except Exception:  # built again below, where the error is raised for real
+        pass
+    network = build()
+    network.load_state_dict(state, strict=True)
+    return network
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

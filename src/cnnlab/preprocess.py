@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cnnlab import CnnlabError
+
 
 def to_float(images: Tensor) -> Tensor:
     """uint8 images -> float32 in [0, 1]; float images (already converted) pass through."""
@@ -91,9 +93,16 @@ class Normalized(nn.Module):
 
 
 def with_normalization(
-    net: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None
+    net: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None, channels: int
 ) -> nn.Module:
-    """`net` itself without a configured normalisation, else `Normalized(net, mean, std)`."""
+    """`net` itself without a configured normalisation, else `Normalized(net, mean, std)`,
+    which needs one mean and one std per channel of the images."""
     if mean is None and std is None:
         return net  # the article's model: its state_dict keys stay those of the bare network
+    for key, values in (("mean", mean), ("std", std)):
+        if values is None or len(values) != channels:
+            raise CnnlabError(
+                f"data.preprocess.{key} has {len(values or [])} value(s) but the images have "
+                f"{channels} channel(s): give one per channel"
+            )
     return Normalized(net, mean, std)

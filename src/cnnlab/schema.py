@@ -24,9 +24,9 @@ from hydra.errors import MissingConfigException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from cnnlab import CnnlabError
+from cnnlab import CnnlabError, models
 from cnnlab.data import DATASETS, EMNIST_SPLITS, QMNIST_TESTS, dataset_files
-from cnnlab.models import MLP, ConvNet
+from cnnlab.models import MLP, ConvNet, TorchvisionNet
 
 
 class ConfigError(CnnlabError):
@@ -59,6 +59,14 @@ class ConvNetConf(ModelConf):
 class MLPConf(ModelConf):
     _target_: str = "cnnlab.models.MLP"
     hidden: list[int] = _default_of(MLP, "hidden")
+
+
+@dataclass
+class TorchvisionConf(ModelConf):
+    _target_: str = "cnnlab.models.TorchvisionNet"
+    name: str = MISSING  # torchvision.models.list_models(module=torchvision.models)
+    small_images: bool = _default_of(TorchvisionNet, "small_images")  # ResNet stem for ~32x32
+    kwargs: dict[str, Any] = field(default_factory=dict)  # more keywords for the model builder
 
 
 # ------------------------------------------------- optimizer: partial, parameters are bound later
@@ -159,7 +167,9 @@ class BenchConf:
 
 @dataclass
 class Config:
-    model: ModelConf = MISSING
+    # Untyped, so a user's model/NAME.yaml composes with any keys; cnnlab's own options are
+    # typed all the same: each extends its dataclass (conf/model/*.yaml defaults lists).
+    model: Any = MISSING
     data: DataConf = MISSING
     optimizer: OptimizerConf = MISSING
     hardware: HardwareConf = MISSING
@@ -171,9 +181,12 @@ class Config:
 GROUPS = ("model", "data", "optimizer", "hardware")
 
 # What a logged config's _target_ says about its schema, to type it again (typed_config).
-_SCHEMA_OF_TARGET = {
+_MODEL_SCHEMAS = {
     "cnnlab.models.ConvNet": ConvNetConf,
     "cnnlab.models.MLP": MLPConf,
+    "cnnlab.models.TorchvisionNet": TorchvisionConf,
+}
+_OPTIMIZER_SCHEMAS = {  # only these: an optimizer's _target_ is called with the parameters
     "torch.optim.Adam": AdamConf,
     "torch.optim.AdamW": AdamConf,
     "torch.optim.SGD": SGDConf,
@@ -183,15 +196,22 @@ _SCHEMA_OF_TARGET = {
 def typed_config(tree: dict[str, Any], overrides: list[str] = ()) -> DictConfig:
     """A logged (plain) config typed again, with key=value overrides checked like cnnlab-train's."""
     try:
-        nodes = {g: _SCHEMA_OF_TARGET[tree[g]["_target_"]]() for g in ("model", "optimizer")}
-    except KeyError as exc:
+        optimizer = _OPTIMIZER_SCHEMAS[tree["optimizer"]["_target_"]]()
+        model_target = tree["model"]["_target_"]
+    except (KeyError, TypeError) as exc:
         raise ConfigError(f"the logged config has an unknown model or optimizer: {exc}") from exc
+    # A user's model keeps its keys untyped, once its _target_ is known to name an nn.Module
+    # class (checked, not called: the config may come from a store that is not trusted).
+    if model_target not in _MODEL_SCHEMAS:
+        models.model_class(model_target)
+    model = _MODEL_SCHEMAS.get(model_target, dict)()
     schema = Config(
         data=DataConf(),
         hardware=HardwareConf(),
         train=TrainConf(),
         tracking=TrackingConf(),
-        **nodes,
+        model=model,
+        optimizer=optimizer,
     )
     bad = [o for o in overrides if "=" not in o or o.split("=", 1)[0] in GROUPS]
     if bad:
@@ -215,6 +235,7 @@ def register() -> None:
     # Kept out of the option groups (model=..., ...) so that only real options are listed.
     cs.store(group="schema/model", name="convnet", node=ConvNetConf)
     cs.store(group="schema/model", name="mlp", node=MLPConf)
+    cs.store(group="schema/model", name="torchvision", node=TorchvisionConf)
     cs.store(group="schema/optimizer", name="adam", node=AdamConf)
     cs.store(group="schema/optimizer", name="sgd", node=SGDConf)
     cs.store(group="schema/data", name="data", node=DataConf)
@@ -286,7 +307,15 @@ def validate(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "data") is not None:
         _validate_data(cfg.data)
         _check_normalization(cfg.data.preprocess)
+    # A user's model (untyped) may use the names of cnnlab's keys for anything; its class
+    # checks its own arguments.
+    own_model = is_dataclass(OmegaConf.get_type(cfg, "model"))
+    if own_model and (missing := sorted(OmegaConf.missing_keys(cfg.model))):
+        example = " (e.g. model.name=mobilenet_v3_small)" if missing[0] == "model.name" else ""
+        raise ConfigError(f"{missing[0]} has no value; set {missing[0]}=<value>{example}")
     for key, ok, expected in _RULES:
+        if key.startswith("model.") and not own_model:
+            continue
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
             continue

@@ -25,6 +25,7 @@ from cnnlab.cli import CONF_DIR, launch_path, run_cli, store_uri
 from cnnlab.data import Dataset, Split, data_arguments, load_dataset
 from cnnlab.hardware import setup_hardware
 from cnnlab.loop import TrainingInterrupted, evaluate, train_one_epoch
+from cnnlab.models import build_network
 from cnnlab.preprocess import Augment, to_float, with_normalization
 from cnnlab.provenance import command_line_overrides, log_config, requirements, run_tags
 from cnnlab.step import TrainStep, flat_parameters
@@ -88,22 +89,11 @@ def build_model(
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The seeded model on `device`, and its optimizer over one flat parameter buffer."""
     torch.manual_seed(cfg.train.seed)  # the article seeds right before the model initialises
-    model = instantiate(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes)
-    model = normalized(model, cfg.data.preprocess, data.in_shape[0]).to(device)
+    network = build_network(cfg.model, data.in_shape, data.num_classes)
+    pre = cfg.data.preprocess
+    model = with_normalization(network, pre.mean, pre.std, data.in_shape[0]).to(device)
     optimizer = instantiate(cfg.optimizer, _convert_="all")([flat_parameters(model)])
     return model, optimizer
-
-
-def normalized(net: torch.nn.Module, preprocess: DictConfig, channels: int) -> torch.nn.Module:
-    """`net` behind the configured normalisation, which must have one value per channel."""
-    for key in ("mean", "std"):
-        values = preprocess[key]
-        if values is not None and len(values) != channels:
-            raise CnnlabError(
-                f"data.preprocess.{key} has {len(values)} value(s) but the images have "
-                f"{channels} channel(s): give one per channel"
-            )
-    return with_normalization(net, preprocess.mean, preprocess.std)
 
 
 def fit(
@@ -259,7 +249,7 @@ def hydra_main(cfg: DictConfig) -> float:
     try:
         return train(cfg)
     except Exception as exc:
-        if isinstance(exc.__cause__, CnnlabError):  # e.g. a model's error inside instantiate()
+        if isinstance(exc.__cause__, CnnlabError):  # e.g. an optimizer's inside instantiate()
             exc = exc.__cause__
         if in_sweep():  # the run is already marked FAILED with the reason; the sweep goes on
             sweep.record_failure(exc)
