@@ -1,9 +1,11 @@
 """cnnlab-eval: test loss and accuracy of a logged model on a dataset's test split.
 
-    cnnlab-eval <run_id | models:/m-...> [data=fashion_mnist] [data.root=...] [--trust-store]
+    cnnlab-eval <run_id | models:/m-...> [data.root=...] [data=fashion_mnist] [--trust-store]
 
 It finds the store like cnnlab-train (tracking.uri=..., $MLFLOW_TRACKING_URI, or mlflow.db here)
-and takes cnnlab-train's key=value overrides for it and for the data.
+and takes cnnlab-train's key=value overrides for it and for the data. The data is the run's own
+(as it logged it, with data.* overrides on top, e.g. data.root where the files are now), unless
+data=... picks another dataset.
 
 Nothing in the store runs as code: the network is rebuilt from its run's logged config and given
 the weights in the model's pt2 archive, read as plain numbers. A model that cannot be loaded
@@ -14,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 
+from cnnlab import schema
 from cnnlab.cli import command, compose_config, launch_path, store_uri
 from cnnlab.data import data_arguments, load_dataset
 from cnnlab.loop import evaluate
 from cnnlab.predict import add_trust_store
-from cnnlab.tracking import load_model
+from cnnlab.tracking import load_model, run_config
 
 
 def evaluate_logged(
@@ -26,11 +29,19 @@ def evaluate_logged(
 ) -> tuple[float, float]:
     """Test loss and accuracy of a logged model on the configured dataset's test split."""
     cfg = compose_config(overrides)
-    model = load_model(model_ref, store_uri(cfg), trust_store)
-    data = load_dataset(**data_arguments(cfg.data, launch_path(cfg.data.root)))
+    uri = store_uri(cfg)
+    model = load_model(model_ref, uri, trust_store)
+    data_cfg = cfg.data
+    if model.run_id and not any(o.startswith("data=") for o in overrides):
+        # The run's own test set: a CIFAR model is scored on CIFAR without saying so.
+        logged = run_config(uri, model.run_id, missing_ok=True)
+        if logged is not None:
+            data_overrides = [o for o in overrides if o.startswith("data.")]
+            data_cfg = schema.typed_config(logged, data_overrides).data
+    data = load_dataset(**data_arguments(data_cfg, launch_path(data_cfg.root)))
     loss, accuracy = evaluate(model, data.test, cfg.train.eval_batch_size)
     print(
-        f"{model_ref} on {cfg.data.name} test ({len(data.test)} images): "
+        f"{model_ref} on {data_cfg.name} test ({len(data.test)} images): "
         f"test loss {loss:.4f}, test accuracy {accuracy:.4%}"
     )
     return loss, accuracy

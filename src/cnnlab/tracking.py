@@ -610,13 +610,18 @@ class LoadedModel(torch.nn.Module):
     """A logged model as an ordinary module: (B, C, H, W) images -> (B, classes) logits."""
 
     def __init__(
-        self, network: Any, in_shape: tuple[int, ...], classes: list[str] | None = None
+        self,
+        network: Any,
+        in_shape: tuple[int, ...],
+        classes: list[str] | None = None,
+        run_id: str | None = None,
     ) -> None:
         super().__init__()
         # Held outside the module tree: an exported program refuses .train() and .eval().
         self.__dict__["network"] = network
         self.in_shape = in_shape  # (C, H, W) of one image, from the model's signature
         self.classes = classes  # names by label, where the run logged them
+        self.run_id = run_id  # the run that logged it, where the MLmodel says
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the logged network."""
@@ -666,7 +671,10 @@ def load_model(model_ref: str, tracking_uri: str, trust_store: bool = False) -> 
                     f"{exported.TRUST_STORE_HINT}"
                 ) from exc
             network = exported.rebuilt_network(config, in_shape, num_classes, archive, model_uri)
-    return LoadedModel(network, in_shape, _class_names(mlmodel, num_classes))
+    logged_by = run_id or mlmodel.get("run_id")
+    return LoadedModel(
+        network, in_shape, _class_names(mlmodel, num_classes), str(logged_by) if logged_by else None
+    )
 
 
 def _class_names(mlmodel: dict[str, Any], num_classes: int) -> list[str] | None:
@@ -822,12 +830,15 @@ def _download(client: MlflowClient, run_id: str, artifact_path: str, dst: Path) 
     return Path(client.download_artifacts(run_id, artifact_path, str(dst)))
 
 
-def run_config(uri: str, run_id: str) -> dict[str, Any]:
-    """The resolved config a run logged (config/config.yaml)."""
+def run_config(uri: str, run_id: str, missing_ok: bool = False) -> dict[str, Any] | None:
+    """The resolved config a run logged (config/config.yaml); None if it logged none and
+    `missing_ok` (a model logged by other code than cnnlab's)."""
     client, _ = _get_run(uri, run_id)
     with tempfile.TemporaryDirectory() as tmp:
         path = _download(client, run_id, "config/config.yaml", Path(tmp))
         if path is None:
+            if missing_ok:
+                return None
             raise TrackingError(f"run {run_id} logged no config/config.yaml")
         return yaml.safe_load(path.read_text())
 
