@@ -55,8 +55,11 @@ def train_one_epoch(
     start_batch: int = 0,
     running: float = 0.0,
     stop: Callable[[], bool] = lambda: False,
+    batches: int | None = None,
 ) -> Iterator[tuple[int, float]]:
     """Train one epoch of `step.data`; every `log_every` batches yield (batches done, mean loss).
+
+    `batches` ends the epoch after that many mini-batches of its (full) random order.
 
     `start_batch` and `running` continue an epoch that was interrupted (the global RNG must be
     where it was when that epoch began, so the same order is drawn). `stop` is asked after each
@@ -72,7 +75,7 @@ def train_one_epoch(
     loss_sum = step.loss_sum
     loss_sum.fill_(running)
     batch_size = step.batch_size
-    starts = range(0, n, batch_size)
+    starts = range(0, n, batch_size)[:batches]
     batches = tqdm(
         starts[start_batch:], disable=not progress, leave=False, unit="batch",
         initial=start_batch, total=len(starts),

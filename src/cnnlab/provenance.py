@@ -34,7 +34,18 @@ def run_tags(cfg: DictConfig, device: torch.device, data_checksum: str) -> dict[
         "cnnlab.dataset": cfg.data.name,
         "cnnlab.dataset_md5": data_checksum,
         "cnnlab.overrides": " ".join(command_line_overrides()),
+        **recipe_tags(),
     }
+
+
+def recipe_tags() -> dict[str, str]:
+    """cnnlab.experiment and cnnlab.debug: the named recipe and debug preset this job was
+    composed with, where it was composed by cnnlab-train and one was chosen."""
+    if not HydraConfig.initialized():
+        return {}
+    choices = HydraConfig.get().runtime.choices
+    return {f"cnnlab.{group}": choices[group] for group in ("experiment", "debug")
+            if choices.get(group)}  # fmt: skip
 
 
 def git_state(path: Path) -> tuple[str, str]:

@@ -12,11 +12,14 @@ data is read or any MLflow run is created.
 from __future__ import annotations
 
 import difflib
+import getpass
 import inspect
 import math
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -142,6 +145,11 @@ class TrainConf:
     log_every: int = MISSING  # mini-batches per logged mean train loss
     seed: int = MISSING
     resume: str | None = None  # run id to continue from its last checkpoint
+    # Debugging (conf/debug/): None/0 = off, as in every run logged before these keys existed.
+    limit_batches: int | None = None  # train mini-batches per epoch, each epoch a new draw
+    limit_eval_batches: int | None = None  # test batches (of eval_batch_size) per evaluation
+    overfit_batches: int = 0  # N: train on the first N * batch_size samples only, and check
+    # at the end that the model fitted them (a model that can't is wired wrong)
 
 
 @dataclass
@@ -228,8 +236,24 @@ def typed_config(tree: dict[str, Any], overrides: list[str] = ()) -> DictConfig:
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
 
 
+def debug_store_uri() -> str:
+    """A throwaway SQLite store in the system's temp folder: where debug presets' runs go.
+
+    One per user (a shared /tmp), kept between debug runs so that they can be looked at:
+    `mlflow ui --backend-store-uri <it>`.
+    """
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name (a container's anonymous uid)
+        user = "anonymous"
+    return f"sqlite:///{Path(tempfile.gettempdir()) / f'cnnlab-debug-{user}' / 'mlflow.db'}"
+
+
 def register() -> None:
-    """Store the schemas under the names that conf/*.yaml extend."""
+    """Store the schemas under the names that conf/*.yaml extend; add cnnlab's resolver."""
+    # conf/debug/*.yaml: tracking.uri: ${cnnlab.debug_store:} (the resolved path is what's logged)
+    if not OmegaConf.has_resolver("cnnlab.debug_store"):
+        OmegaConf.register_new_resolver("cnnlab.debug_store", debug_store_uri)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     # Kept out of the option groups (model=..., ...) so that only real options are listed.
@@ -266,6 +290,9 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("train.batch_size", _positive_int, "an integer >= 1"),
     ("train.eval_batch_size", _positive_int, "an integer >= 1"),
     ("train.log_every", _positive_int, "an integer >= 1"),
+    ("train.limit_batches", _positive_int, "an integer >= 1, or null for every mini-batch"),
+    ("train.limit_eval_batches", _positive_int, "an integer >= 1, or null for the whole test set"),
+    ("train.overfit_batches", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: off)"),
     ("train.seed", lambda v: isinstance(v, int) and 0 <= v < 2**63, "an integer in [0, 2**63)"),
     ("optimizer.lr", _positive_float, "a number > 0"),
     ("optimizer.weight_decay", _non_negative, "a number >= 0"),

@@ -66,6 +66,10 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
 
     data = load_dataset(**data_arguments(cfg.data, launch_path(cfg.data.root)))
     train_split, test_split = data.train.to(device), data.test.to(device)
+    if cfg.train.overfit_batches:  # a few fixed batches: can the model fit them at all?
+        train_split = first(train_split, cfg.train.overfit_batches * cfg.train.batch_size)
+    if cfg.train.limit_eval_batches:
+        test_split = first(test_split, cfg.train.limit_eval_batches * cfg.train.eval_batch_size)
 
     model, optimizer = build_model(cfg, data, device)
 
@@ -77,6 +81,10 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
         if not cfg.train.resume:
             run.log_dict(data.classes, "data/classes.yaml")  # names by label, e.g. ImageFolder's
         accuracy = fit(cfg, model, optimizer, train_split, test_split, run, progress)
+        if cfg.train.overfit_batches:
+            per_epoch = batches_per_epoch(len(train_split), cfg.train.batch_size,
+                                          cfg.train.limit_batches)  # fmt: skip
+            check_overfit(model, train_split, cfg.train, run, step=cfg.train.epochs * per_epoch)
         if cfg.tracking.log_model:
             example = to_float(data.test.images[:2]).numpy()  # (2, C, H, W) in [0, 1]
             run.log_model(model, example, requirements(), data.classes)  # tags cnnlab.model_uri
@@ -107,7 +115,8 @@ def fit(
 ) -> float:
     """Train the epochs from `progress` on, logging as it goes; checkpoint each epoch and on a
     stop."""
-    batches_per_epoch = -(-len(train_split) // cfg.train.batch_size)
+    # Metrics' step: mini-batches trained so far, as if each epoch had `per_epoch` of them.
+    per_epoch = batches_per_epoch(len(train_split), cfg.train.batch_size, cfg.train.limit_batches)
     accuracy = math.nan
     if progress.epoch >= cfg.train.epochs:  # a resumed run that had trained every epoch already
         accuracy = evaluate(model, test_split, cfg.train.eval_batch_size)[1]
@@ -126,10 +135,11 @@ def fit(
             torch.set_rng_state(progress.rng)  # an epoch cut short re-draws the same order
             try:
                 for batch, loss in train_one_epoch(
-                    step, cfg.train.log_every, show_bar, progress.batch, progress.running, stop
-                ):
+                    step, cfg.train.log_every, show_bar, progress.batch, progress.running, stop,
+                    batches=per_epoch,
+                ):  # fmt: skip
                     print(f"Loss after mini-batch {batch:5d}: {loss:.3f}")
-                    run.log_metrics({"train_loss": loss}, step=epoch * batches_per_epoch + batch)
+                    run.log_metrics({"train_loss": loss}, step=epoch * per_epoch + batch)
             except TrainingInterrupted as stopped:
                 checkpoint.save(last, model, optimizer, Progress(epoch, *stopped.args_for_resume()))
                 run.log_checkpoint(last)
@@ -138,12 +148,58 @@ def fit(
             print(f"Epoch {epoch + 1}: test loss {test_loss:.4f}, test accuracy {accuracy:.2%}")
             run.log_metrics(
                 {"test_loss": test_loss, "test_accuracy": accuracy, "epoch": epoch + 1},
-                step=(epoch + 1) * batches_per_epoch,
+                step=(epoch + 1) * per_epoch,
             )
             progress = Progress(epoch + 1)  # next epoch from its first batch, RNG as it is now
             checkpoint.save(last, model, optimizer, progress)
             run.log_checkpoint(last)
     return accuracy
+
+
+def batches_per_epoch(samples: int, batch_size: int, limit: int | None) -> int:
+    """Mini-batches an epoch of `samples` trains: all of them, or at most `limit`."""
+    batches = -(-samples // batch_size)
+    return min(batches, limit or batches)
+
+
+def first(split: Split, n: int) -> Split:
+    """The first `n` samples of `split` (all of them if it has fewer)."""
+    return Split(split.images[:n], split.labels[:n])
+
+
+# Mean cross-entropy on the train.overfit_batches samples that counts as fitted: ~0, yet reached
+# in seconds by the built-in networks (every sample's true class at >= 95% probability or so).
+OVERFIT_LOSS = 0.05
+
+
+class OverfitError(CnnlabError):
+    """The model could not fit a few fixed batches (train.overfit_batches)."""
+
+
+def check_overfit(
+    model: torch.nn.Module, samples: Split, train_cfg: DictConfig, run: Tracker | NullTracker,
+    step: int,
+) -> float:  # fmt: skip
+    """Say whether the model fitted the overfit batches `samples`; tag the run; their loss.
+
+    Raises OverfitError (the run ends FAILED) when the loss is not ~0.
+    """
+    loss, accuracy = evaluate(model, samples, train_cfg.eval_batch_size)
+    passed = loss < OVERFIT_LOSS
+    run.log_metrics({"overfit_loss": loss}, step=step)
+    run.set_tags({"cnnlab.overfit": "passed" if passed else "failed"})
+    what = (
+        f"loss {loss:.4f} (accuracy {accuracy:.0%}) on the {len(samples)} samples of "
+        f"train.overfit_batches={train_cfg.overfit_batches} after {train_cfg.epochs} epochs"
+    )
+    if not passed:
+        raise OverfitError(
+            f"overfit check failed: {what}, not < {OVERFIT_LOSS}; a model that cannot overfit "
+            f"{train_cfg.overfit_batches} batches is wired wrong: check its forward pass (one "
+            "logit per class, no softmax before the loss) and optimizer.lr"
+        )
+    print(f"Overfit check passed: {what} (< {OVERFIT_LOSS})")
+    return loss
 
 
 @contextmanager
