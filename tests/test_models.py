@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cnnlab import CnnlabError, reference
-from cnnlab.models import MLP, ConvNet, TorchvisionNet
+from cnnlab.models import MLP, ConvNet, ModelConfigError, TorchvisionNet
 
 
 def test_convnet_is_the_articles_network():
@@ -68,3 +68,8 @@ def test_a_torchvision_model_takes_the_datas_channels_and_classes():
 def test_a_torchvision_model_that_cannot_be_built_is_one_line(arguments, message):
     with pytest.raises(CnnlabError, match=message):
         TorchvisionNet(in_shape=(3, 32, 32), num_classes=10, **arguments)
+
+
+def test_a_torchvision_builders_unknown_keyword_is_one_config_error():
+    with pytest.raises(ModelConfigError, match="^model.kwargs for resnet18: .*'dropout'"):
+        TorchvisionNet("resnet18", (1, 28, 28), 10, kwargs={"dropout": 0.1})

@@ -233,3 +233,22 @@ def test_cuda_graph_trains_like_the_eager_step(data):
 
     eager, graphed = losses(False), losses(True)
     assert graphed == pytest.approx(eager, rel=1e-4)  # the warm-up trained nothing extra
+
+
+def test_a_rehearsal_leaves_batchnorm_statistics_as_they_were(data):
+    # The CUDA graph's warm-up steps run inside a rehearsal: a ResNet's running mean/var must
+    # come out as if they had never run, or a graphed run would score differently.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+        torch.nn.Linear(4 * 26 * 26, 10),
+    )  # fmt: skip
+    optimizer = torch.optim.Adam([flat_parameters(model)], lr=1e-3)
+    step = TrainStep(model, optimizer, data, batch_size=10)
+    step(torch.arange(0, 10))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with rehearsal(optimizer, step.loss_sum, model):
+        for s in (200, 300, 100):
+            step(torch.arange(s, s + 10))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -49,6 +49,9 @@ class UserSetup:
         self.home = home
         (home / "code").mkdir()
         (home / "code" / "mynets.py").write_text(USER_MODULE)
+        (home / "code" / "sidefx.py").write_text(
+            "from pathlib import Path\nPath(__file__).parents[1].joinpath('MARKER').touch()\n"
+        )
         (home / "conf" / "model").mkdir(parents=True)
         (home / "conf" / "model" / "mynet.yaml").write_text("_target_: mynets.MyNet\nwidth: 8\n")
         (home / "conf" / "model" / "typo.yaml").write_text("_target_: mynets.MyNet\nwidht: 8\n")
@@ -59,16 +62,18 @@ class UserSetup:
             self.uri, f"tracking.pending_dir={home / 'cnnlab-pending'}",
         ]  # fmt: skip
 
-    def env(self, importable: bool = True) -> dict[str, str]:
-        """The environment of a command: the user's code on PYTHONPATH, or not."""
+    def env(self, importable: bool = True, trusted: bool = True) -> dict[str, str]:
+        """The environment of a command: the user's code on PYTHONPATH, or not; its package
+        trusted for logged configs (CNNLAB_TRUSTED_MODULES), or not."""
         paths = [os.environ.get("PYTHONPATH", "")]
         if importable:
             paths.insert(0, str(self.home / "code"))
-        return cli_env(PYTHONPATH=os.pathsep.join(p for p in paths if p))
+        trust = {"CNNLAB_TRUSTED_MODULES": "mynets"} if trusted else {}
+        return cli_env(PYTHONPATH=os.pathsep.join(p for p in paths if p), **trust)
 
-    def run(self, command: str, *args: str, importable: bool = True):
+    def run(self, command: str, *args: str, importable: bool = True, trusted: bool = True):
         """A cnnlab command in the user's folder."""
-        return cnnlab(command, *args, cwd=self.home, env=self.env(importable))
+        return cnnlab(command, *args, cwd=self.home, env=self.env(importable, trusted))
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +127,17 @@ def test_reproducing_without_the_users_module_names_it_in_one_line(user, user_ru
         "(No module named 'mynets'); install it or put its folder on PYTHONPATH"
     )
     assert len(user.store.runs()) == before  # refused before any run was created
+
+
+def test_a_logged_config_imports_a_user_module_only_from_a_trusted_package(user, user_run):
+    before = len(user.store.runs())
+    done = user.run("reproduce", user_run, user.uri, trusted=False)
+    assert done.stderr.strip().splitlines()[-1] == (
+        "cnnlab-reproduce: error: model._target_=mynets.MyNet: named by a logged config, whose "
+        "model modules cnnlab imports only from packages you trust: export "
+        "CNNLAB_TRUSTED_MODULES=mynets (comma-separated) and run again"
+    )
+    assert done.returncode != 0 and len(user.store.runs()) == before
 
 
 def test_a_user_models_unknown_argument_fails_with_its_own_error_in_one_line(user, tmp_path):
@@ -220,6 +236,9 @@ def hostile_models(marker: Path) -> dict[str, dict]:
         "subprocess.Popen": {"_target_": "subprocess.Popen", "args": ["touch", str(marker)]},
         "this.Zen": {"_target_": "this.Zen"},  # a stdlib module that runs code on import
         "torch.save": {"_target_": "torch.save", "obj": 1, "f": str(marker)},  # not a class
+        # An installed (importable) package that runs code on import, which the user never
+        # said to trust: refused before it is imported.
+        "sidefx.Net": {"_target_": "sidefx.Net"},
     }
 
 
@@ -249,7 +268,8 @@ def crafted(user, user_run) -> dict:
 @pytest.mark.parametrize("target", list(hostile_models(Path("MARKER"))))
 def test_a_crafted_model_target_is_refused_without_running_anything(user, crafted, target, capsys):
     run_id = crafted["runs"][target]
-    refusal = "not a torch.nn.Module class" if target == "torch.save" else "not a model"
+    untrusted = "named by a logged config, whose model modules cnnlab imports only"
+    refusal = untrusted if target in ("torch.save", "sidefx.Net") else "not a model"
     with pytest.raises(CnnlabError, match=f"model._target_={target}: {refusal}"):
         load_model(run_id, user.store.uri)  # what cnnlab-eval and cnnlab-predict call
     before = len(user.store.runs())

@@ -19,7 +19,6 @@ import torch
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab import CnnlabError, models, schema
-from cnnlab.preprocess import with_normalization
 
 
 class ModelFileError(CnnlabError):
@@ -105,14 +104,9 @@ def _network_with(
     # Built on the meta device (no memory, no initialisation), then given the tensors. A class
     # with a buffer that is not in the state dict (persistent=False), or whose constructor
     # cannot run on meta, is built again on the CPU: its errors are then the real ones.
-    def build() -> torch.nn.Module:
-        network = models.build_network(cfg.model, in_shape, num_classes)
-        pre = cfg.data.preprocess  # normalisation is the first layer; its buffers are weights
-        return with_normalization(network, pre.mean, pre.std, in_shape[0])
-
     try:
         with torch.device("meta"):
-            network = build()
+            network = models.configured_network(cfg, in_shape, num_classes)
         network.load_state_dict(state, strict=True, assign=True)
         if not any(t.is_meta for t in (*network.parameters(), *network.buffers())):
             return network
@@ -120,7 +114,7 @@ def _network_with(
         raise
     except Exception:  # built again below, where the error is raised for real
         pass
-    network = build()
+    network = models.configured_network(cfg, in_shape, num_classes)
     network.load_state_dict(state, strict=True)
     return network
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from cnnlab import CnnlabError, one_line
+from cnnlab.preprocess import with_normalization
 
 
 def _relu() -> nn.ReLU:
@@ -125,7 +127,10 @@ class TorchvisionNet(nn.Module):
             if key in kwargs:
                 why = "it is built untrained" if key == "weights" else "the data sets it"
                 raise ModelConfigError(f"model.kwargs.{key}: {why}; remove the key")
-        self.net = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+        try:
+            self.net = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+        except TypeError as exc:  # a keyword the builder does not take: its words, one line
+            raise ModelConfigError(f"model.kwargs for {name}: {one_line(exc)}") from exc
         channels = in_shape[0]
         if small_images:
             # CIFAR-style ResNet stem: a 32x32 image keeps its resolution into layer1 instead
@@ -165,7 +170,10 @@ class ModelConfigError(CnnlabError):
     """A model config that names no usable class or gives it arguments it does not take."""
 
 
-def model_class(target: Any) -> type[nn.Module]:
+TRUSTED_MODULES = "CNNLAB_TRUSTED_MODULES"  # packages a logged config may import models from
+
+
+def model_class(target: Any, logged: bool = False) -> type[nn.Module]:
     """The torch.nn.Module subclass a model's `_target_` names, or a one-line refusal.
 
     A logged config may come from a hostile store: the name may only ever resolve to an
@@ -183,6 +191,14 @@ def model_class(target: Any) -> type[nn.Module]:
         raise ModelConfigError(
             f"{where}: not a model; a model's _target_ names a torch.nn.Module class of your own "
             "or an installed package (nothing is imported from the standard library)"
+        )
+    trusted = {"cnnlab", *filter(None, os.environ.get(TRUSTED_MODULES, "").split(","))}
+    if logged and parts[0] not in {t.strip() for t in trusted}:
+        # Importing a module runs its top-level code: a store must not pick which one runs.
+        raise ModelConfigError(
+            f"{where}: named by a logged config, whose model modules cnnlab imports only from "
+            f"packages you trust: export {TRUSTED_MODULES}={parts[0]} (comma-separated) and "
+            "run again"
         )
     try:
         module = importlib.import_module(module_name)
@@ -242,6 +258,15 @@ def build_network(
         except TypeError:
             raise ModelConfigError(f"model._target_={target}: {one_line(exc)}") from exc
         raise  # a TypeError inside the constructor: the user's bug, with its traceback
+
+
+def configured_network(cfg: Any, in_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """The network a whole config describes: its model behind the data's normalisation (the
+    first layer, so that a logged model takes [0, 1] images). Training and every reload of a
+    logged model build it here, so they cannot drift apart."""
+    network = build_network(cfg.model, in_shape, num_classes)
+    pre = cfg.data.preprocess
+    return with_normalization(network, pre.mean, pre.std, in_shape[0])
 
 
 def _has_target(value: Any) -> bool:

@@ -209,9 +209,10 @@ def typed_config(tree: dict[str, Any], overrides: list[str] = ()) -> DictConfig:
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"the logged config has an unknown model or optimizer: {exc}") from exc
     # A user's model keeps its keys untyped, once its _target_ is known to name an nn.Module
-    # class (checked, not called: the config may come from a store that is not trusted).
+    # class of a package the user trusts (checked, not called: the config may come from a
+    # store that is not trusted).
     if model_target not in _MODEL_SCHEMAS:
-        models.model_class(model_target)
+        models.model_class(model_target, logged=True)
     model = _MODEL_SCHEMAS.get(model_target, dict)()
     schema = Config(
         data=DataConf(),

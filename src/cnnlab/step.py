@@ -113,7 +113,7 @@ class TrainStep:
         # Warm-up on a side stream lets cuBLAS/cuDNN and the optimizer state initialise outside
         # the capture; `rehearsal` then puts weights, optimizer state and loss_sum back, so the
         # run trains exactly the batches it would have trained eagerly.
-        with rehearsal(self.optimizer, self.loss_sum):
+        with rehearsal(self.optimizer, self.loss_sum, self.model):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             try:
@@ -148,13 +148,20 @@ def check_cuda_graphs(device: torch.device) -> None:
 
 
 @contextmanager
-def rehearsal(optimizer: torch.optim.Optimizer, loss_sum: Tensor) -> Iterator[None]:
-    """Steps taken inside leave no trace: parameters, optimizer state and `loss_sum` are restored
-    in place (same storage, as a captured graph needs), and state the steps created is zeroed:
+def rehearsal(
+    optimizer: torch.optim.Optimizer, loss_sum: Tensor, model: nn.Module | None = None
+) -> Iterator[None]:
+    """Steps taken inside leave no trace: parameters, optimizer state, `loss_sum` and the
+    model's buffers (BatchNorm's running statistics) are restored in place (same storage, as a
+    captured graph needs), as is the device's RNG (dropout); state the steps created is zeroed:
     Adam's initial state, and SGD's with momentum as long as dampening is 0 (cnnlab's schema
     has no dampening key)."""
     params = _params(optimizer)
     saved_params = [p.detach().clone() for p in params]
+    buffers = list(model.buffers()) if model is not None else []
+    saved_buffers = [b.detach().clone() for b in buffers]
+    device = loss_sum.device
+    saved_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     saved_state = {
         p: {k: v.clone() for k, v in state.items() if isinstance(v, Tensor)}
         for p, state in optimizer.state.items()
@@ -172,6 +179,10 @@ def rehearsal(optimizer: torch.optim.Optimizer, loss_sum: Tensor) -> Iterator[No
                     if isinstance(value, Tensor):
                         value.copy_(before[key]) if key in before else value.zero_()
             loss_sum.copy_(saved_loss_sum)
+            for b, saved in zip(buffers, saved_buffers, strict=True):
+                b.copy_(saved)
+        if saved_rng is not None:
+            torch.cuda.set_rng_state(saved_rng, device)
 
 
 def _params(optimizer: torch.optim.Optimizer) -> list[Tensor]:

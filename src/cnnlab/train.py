@@ -25,8 +25,8 @@ from cnnlab.cli import CONF_DIR, launch_path, run_cli, store_uri
 from cnnlab.data import Dataset, Split, data_arguments, load_dataset
 from cnnlab.hardware import setup_hardware
 from cnnlab.loop import TrainingInterrupted, evaluate, train_one_epoch
-from cnnlab.models import build_network
-from cnnlab.preprocess import Augment, to_float, with_normalization
+from cnnlab.models import configured_network
+from cnnlab.preprocess import Augment, to_float
 from cnnlab.provenance import command_line_overrides, log_config, requirements, run_tags
 from cnnlab.step import TrainStep, flat_parameters
 from cnnlab.sweep import in_sweep, job_tags, nan_for_a_failed_job, remember_job_run, requeued_run
@@ -97,9 +97,7 @@ def build_model(
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The seeded model on `device`, and its optimizer over one flat parameter buffer."""
     torch.manual_seed(cfg.train.seed)  # the article seeds right before the model initialises
-    network = build_network(cfg.model, data.in_shape, data.num_classes)
-    pre = cfg.data.preprocess
-    model = with_normalization(network, pre.mean, pre.std, data.in_shape[0]).to(device)
+    model = configured_network(cfg, data.in_shape, data.num_classes).to(device)
     optimizer = instantiate(cfg.optimizer, _convert_="all")([flat_parameters(model)])
     return model, optimizer
 
