@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow.models import infer_signature
@@ -19,6 +20,7 @@ from PIL import Image
 
 from cnnlab import CnnlabError
 from cnnlab.models import ConvNet
+from cnnlab.predict import image_tensor
 from cnnlab.tracking import load_model
 from helpers import cnnlab, data_overrides, synthetic_split, train_in_process
 
@@ -180,3 +182,23 @@ def test_predict_answers_every_good_image_and_refuses_each_hostile_file(logged, 
         "cnnlab-predict: error: folder.png: cannot read an image (a directory, not a regular file)",
         "cnnlab-predict: error: missing.png: cannot read an image (no such file or directory)",
     ]
+
+
+def test_only_a_model_of_light_strokes_on_dark_gets_inverted_images(tmp_path):
+    # A dark digit on white paper suits an MNIST model once inverted; an X-ray (a greyscale
+    # image folder) or a photo is taken as it is.
+    paper = np.full((28, 28), 255, dtype=np.uint8)
+    paper[10:18, 12:16] = 0
+    Image.fromarray(paper).save(tmp_path / "paper.png")
+    mnist, inverted = image_tensor(tmp_path / "paper.png", (1, 28, 28), light_on_dark=True)
+    assert inverted and mnist[0, 0, 0, 0] == 0 and mnist[0, 0, 12, 13] == 1
+    xray, inverted = image_tensor(tmp_path / "paper.png", (1, 28, 28), light_on_dark=False)
+    assert not inverted and xray[0, 0, 0, 0] == 1
+
+
+def test_predict_converts_16_bit_images_like_training_does(tmp_path):
+    # 16-bit greyscale is scaled to 8 bits (not clipped at 255), as data.image_pixels does.
+    wide = np.full((28, 28), 30000, dtype=np.uint16)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    x, _ = image_tensor(tmp_path / "wide.png", (1, 28, 28), light_on_dark=False)
+    assert x[0, 0, 0, 0].item() == pytest.approx(round(30000 / 257) / 255)

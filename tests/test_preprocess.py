@@ -77,6 +77,9 @@ def _trained(data: Split, stop_after: int | None) -> list[torch.Tensor]:
         batch, running, rng = stopped.args_for_resume()
         torch.manual_seed(999)  # whatever the RNG did since, the epoch's own state comes back
         torch.set_rng_state(rng)
+        # A new process: a new step and new augmentations, which must be drawn again alike.
+        augment = Augment(len(data), crop_padding=2, flip=True, device=torch.device("cpu"))
+        step = TrainStep(model, optimizer, data, 8, augment=augment)
         losses += [loss for _, loss in train_one_epoch(step, 2, False, batch, running)]
     return [*losses, *[p.detach().clone() for p in model.parameters()]]
 

@@ -28,16 +28,25 @@ def evaluate_logged(
     model_ref: str, overrides: list[str], trust_store: bool = False
 ) -> tuple[float, float]:
     """Test loss and accuracy of a logged model on the configured dataset's test split."""
-    cfg = compose_config(overrides)
+    # Without data=..., the data is the run's own: data.* overrides apply to it, not to the
+    # default MNIST (data.split=letters means something for an EMNIST run only).
+    switched = any(o.startswith("data=") for o in overrides)
+    cfg = compose_config([o for o in overrides if switched or not o.startswith("data.")])
     uri = store_uri(cfg)
     model = load_model(model_ref, uri, trust_store)
     data_cfg = cfg.data
-    if model.run_id and not any(o.startswith("data=") for o in overrides):
-        # The run's own test set: a CIFAR model is scored on CIFAR without saying so.
-        logged = run_config(uri, model.run_id, missing_ok=True)
-        if logged is not None:
-            data_overrides = [o for o in overrides if o.startswith("data.")]
-            data_cfg = schema.typed_config(logged, data_overrides).data
+    logged = None if switched or not model.run_id else run_config(uri, model.run_id, True)
+    if logged is not None:
+        # The run's own test set: a CIFAR model is scored on CIFAR without saying so. Where
+        # the files are missing nothing is fetched: the sources a store names (mirrors, npm
+        # packages) are not run on its say-so; data=<option> fetches as cnnlab-train does.
+        local = [
+            "data.mirrors=[]", "data.download=false", "data.npm_package=null",
+            "data.debian_dir=null", *(o for o in overrides if o.startswith("data.")),
+        ]  # fmt: skip
+        typed = schema.typed_config(logged, local)
+        schema.validate(typed)
+        data_cfg = typed.data
     data = load_dataset(**data_arguments(data_cfg, launch_path(data_cfg.root)))
     loss, accuracy = evaluate(model, data.test, cfg.train.eval_batch_size)
     print(

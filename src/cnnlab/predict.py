@@ -31,17 +31,21 @@ import torch
 
 from cnnlab import CnnlabError, one_line
 from cnnlab.cli import command, compose_config, store_uri
+from cnnlab.data import image_pixels
 from cnnlab.tracking import load_model
 
 MAX_MEGAPIXELS = 64  # larger images are refused: decoding one takes up to 4 bytes a pixel
 
 
-def image_tensor(path: Path, in_shape: tuple[int, ...]) -> tuple[torch.Tensor, bool]:
+def image_tensor(
+    path: Path, in_shape: tuple[int, ...], light_on_dark: bool = True
+) -> tuple[torch.Tensor, bool]:
     """An image file as the model's input (1, C, H, W) in [0, 1], and whether it was inverted.
 
-    Like the training data: greyscale (or RGB for 3 channels), resized to H x W, scaled to
-    [0, 1]. A greyscale model learnt MNIST's light strokes on a dark background, so a dark-on-
-    light greyscale image is inverted; colour images (photos, CIFAR) are taken as they are.
+    Converted exactly as the training images were (data.image_pixels: greyscale or RGB, 16-bit
+    scaled, resized to H x W), then scaled to [0, 1]. A model that learnt light strokes on a
+    dark background (MNIST and its family: `light_on_dark`) gets a dark-on-light image
+    inverted; any other model (photos, CIFAR, an image folder) takes images as they are.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -56,9 +60,7 @@ def image_tensor(path: Path, in_shape: tuple[int, ...]) -> tuple[torch.Tensor, b
                         f"{path}: cannot read an image ({image.width}x{image.height} pixels, "
                         f"over the {MAX_MEGAPIXELS}-megapixel limit)"
                     )
-                image = image.convert("L" if channels == 1 else "RGB")
-                image = image.resize((width, height), Image.Resampling.BILINEAR)
-                pixels = np.asarray(image, dtype=np.float32) / 255
+                pixels = image_pixels(image, channels, (height, width)).numpy() / np.float32(255)
     except CnnlabError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -69,9 +71,8 @@ def image_tensor(path: Path, in_shape: tuple[int, ...]) -> tuple[torch.Tensor, b
         raise CnnlabError(f"{path}: cannot read an image (not a format Pillow knows)") from exc
     except Exception as exc:  # any decoder failure costs this file its line, not the others theirs
         raise CnnlabError(f"{path}: cannot read an image ({_reason(exc)})") from exc
-    pixels = pixels.reshape(height, width, -1).transpose(2, 0, 1)  # (C, H, W)
     border = np.concatenate([pixels[:, 0], pixels[:, -1], pixels[:, :, 0], pixels[:, :, -1]], 1)
-    inverted = channels == 1 and bool(border.mean() > 0.5)
+    inverted = light_on_dark and bool(border.mean() > 0.5)
     if inverted:
         pixels = 1 - pixels
     return torch.from_numpy(np.ascontiguousarray(pixels)).unsqueeze(0), inverted
@@ -119,7 +120,7 @@ def predict(
     failures = 0
     for name in paths:
         try:
-            x, inverted = image_tensor(Path(name), model.in_shape)
+            x, inverted = image_tensor(Path(name), model.in_shape, model.light_on_dark)
         except CnnlabError as exc:
             print(f"cnnlab-predict: error: {exc}", file=sys.stderr, flush=True)
             failures += 1

@@ -529,11 +529,11 @@ class Tracker:
         model: Any,
         input_example: np.ndarray,
         requirements: list[str],
-        classes: list[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> None:
         """Save `model` as an MLflow PyTorch model (pt2) and queue it; sets cnnlab.model_uri.
 
-        `classes` (names by label) go into the MLmodel's metadata, for cnnlab-predict.
+        `metadata` (plain values: class names, ...) goes into the MLmodel, for cnnlab-predict.
         """
         # A copy whose parameters own their storage: in training they are views into one flat
         # buffer (step.flat_parameters), which the exported program would store whole per view.
@@ -551,7 +551,7 @@ class Tracker:
             input_example=input_example,
             # Given, not inferred: inference re-imports the model in a subprocess (seconds).
             pip_requirements=requirements,
-            metadata={"cnnlab.classes": list(classes)} if classes else None,
+            metadata=dict(metadata) if metadata else None,
         )
         self.journal.append({"op": "model", "src": str(staged.relative_to(self.journal.folder)),
                              "experiment_id": self.experiment_id})  # fmt: skip
@@ -615,6 +615,7 @@ class LoadedModel(torch.nn.Module):
         in_shape: tuple[int, ...],
         classes: list[str] | None = None,
         run_id: str | None = None,
+        light_on_dark: bool = True,
     ) -> None:
         super().__init__()
         # Held outside the module tree: an exported program refuses .train() and .eval().
@@ -622,6 +623,7 @@ class LoadedModel(torch.nn.Module):
         self.in_shape = in_shape  # (C, H, W) of one image, from the model's signature
         self.classes = classes  # names by label, where the run logged them
         self.run_id = run_id  # the run that logged it, where the MLmodel says
+        self.light_on_dark = light_on_dark  # learnt MNIST-like strokes: predict may invert
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the logged network."""
@@ -672,15 +674,21 @@ def load_model(model_ref: str, tracking_uri: str, trust_store: bool = False) -> 
                 ) from exc
             network = exported.rebuilt_network(config, in_shape, num_classes, archive, model_uri)
     logged_by = run_id or mlmodel.get("run_id")
+    metadata = mlmodel.get("metadata") if isinstance(mlmodel.get("metadata"), dict) else {}
+    # Models logged before this was recorded were all MNIST-like when greyscale.
+    light_on_dark = metadata.get("cnnlab.light_on_dark", in_shape[0] == 1) is True
     return LoadedModel(
-        network, in_shape, _class_names(mlmodel, num_classes), str(logged_by) if logged_by else None
+        network,
+        in_shape,
+        _class_names(metadata, num_classes),
+        str(logged_by) if logged_by else None,
+        light_on_dark,
     )
 
 
-def _class_names(mlmodel: dict[str, Any], num_classes: int) -> list[str] | None:
+def _class_names(metadata: dict[str, Any], num_classes: int) -> list[str] | None:
     # Plain YAML data, used only if it is what cnnlab writes: one string per class.
-    metadata = mlmodel.get("metadata")
-    names = metadata.get("cnnlab.classes") if isinstance(metadata, dict) else None
+    names = metadata.get("cnnlab.classes")
     if isinstance(names, list) and len(names) == num_classes:
         return [str(n) for n in names]
     return None
@@ -764,7 +772,7 @@ class NullTracker:
         model: Any,
         input_example: np.ndarray,
         requirements: list[str],
-        classes: list[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> None:
         """Log nothing."""
 

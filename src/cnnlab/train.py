@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from cnnlab import CnnlabError, checkpoint, interrupts, schema, sweep
 from cnnlab.checkpoint import Progress
 from cnnlab.cli import CONF_DIR, launch_path, run_cli, store_uri
-from cnnlab.data import Dataset, Split, data_arguments, load_dataset
+from cnnlab.data import IDX_SETS, Dataset, Split, data_arguments, load_dataset
 from cnnlab.hardware import setup_hardware
 from cnnlab.loop import TrainingInterrupted, evaluate, train_one_epoch
 from cnnlab.models import configured_network
@@ -87,7 +87,12 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
             check_overfit(model, train_split, cfg.train, run, step=cfg.train.epochs * per_epoch)
         if cfg.tracking.log_model:
             example = to_float(data.test.images[:2]).numpy()  # (2, C, H, W) in [0, 1]
-            run.log_model(model, example, requirements(), data.classes)  # tags cnnlab.model_uri
+            # For cnnlab-predict: class names, and whether dark-on-light images need inverting.
+            about = {
+                "cnnlab.classes": data.classes,
+                "cnnlab.light_on_dark": cfg.data.dataset in IDX_SETS,
+            }
+            run.log_model(model, example, requirements(), about)  # tags cnnlab.model_uri
     print("Training process has finished.")
     return accuracy
 
