@@ -767,13 +767,7 @@ class NullTracker:
     def log_checkpoint(self, path: Path) -> None:
         """Log nothing."""
 
-    def log_model(
-        self,
-        model: Any,
-        input_example: np.ndarray,
-        requirements: list[str],
-        metadata: Mapping[str, Any] | None = None,
-    ) -> None:
+    def log_model(self, *_: Any) -> None:  # Tracker.log_model's arguments
         """Log nothing."""
 
     def end(self, status: str) -> None:
