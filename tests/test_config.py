@@ -197,18 +197,6 @@ PRESETS = {
     group: sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
     for group in ("experiment", "debug")
 }
-# cifar10_resnet names model=resnet18, data=cifar10 and data.preprocess: other parts of issue 12.
-_CIFAR_PARTS = [
-    Path(CONF_DIR) / "model" / "resnet18.yaml",
-    Path(CONF_DIR) / "data" / "cifar10.yaml",
-]
-
-
-def _preset(group: str, option: str):
-    if option == "cifar10_resnet" and not all(p.is_file() for p in _CIFAR_PARTS):
-        reason = "needs model=resnet18 and data=cifar10 (issue 12's models/data work, unmerged)"
-        return pytest.param(group, option, marks=pytest.mark.skip(reason=reason))
-    return pytest.param(group, option)
 
 
 def test_the_presets_the_readme_promises():
@@ -218,14 +206,22 @@ def test_the_presets_the_readme_promises():
     }
 
 
-@pytest.mark.parametrize(
-    "group,option", [_preset(g, o) for g, opts in PRESETS.items() for o in opts]
-)
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in PRESETS.items() for o in opts])
 def test_every_preset_composes_and_validates(compose_cfg, group, option):
     cfg = compose_cfg([f"{group}={option}"])
     schema.validate(cfg)
     assert OmegaConf.missing_keys(cfg) == set()
     OmegaConf.to_container(cfg, resolve=True)  # interpolations (the throwaway store) resolve
+
+
+@pytest.mark.parametrize("debug", PRESETS["debug"])
+@pytest.mark.parametrize("experiment", PRESETS["experiment"])
+def test_every_experiment_composes_with_every_debug_preset(compose_cfg, experiment, debug):
+    # A debug preset checks the user's recipe: it must compose over whatever groups it chose.
+    cfg = compose_cfg([f"experiment={experiment}", f"debug={debug}"])
+    schema.validate(cfg)
+    assert OmegaConf.missing_keys(cfg) == set()
+    OmegaConf.to_container(cfg, resolve=True)
 
 
 def test_experiment_article_is_the_default_run(compose_cfg):
@@ -234,11 +230,22 @@ def test_experiment_article_is_the_default_run(compose_cfg):
 
 def test_a_debug_preset_wins_over_an_experiment_and_the_command_line_over_both(compose_cfg):
     cfg = compose_cfg(["experiment=mnist_fast", "debug=overfit"])
-    assert cfg.train.batch_size == 32  # the recipe's
-    assert (cfg.train.epochs, cfg.train.overfit_batches, cfg.optimizer.lr) == (100, 2, 1e-3)
+    assert cfg.train.batch_size == 32 and cfg.optimizer.lr == 5e-4  # the recipe's
+    assert (cfg.train.epochs, cfg.train.overfit_batches) == (300, 2)
     cfg = compose_cfg(["debug=overfit", "optimizer=sgd", "optimizer.lr=0.01", "train.epochs=7"])
     assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == 0.01
     assert cfg.train.epochs == 7
+
+
+def test_overfit_checks_the_recipes_optimizer_on_unaugmented_batches(compose_cfg):
+    # The optimizer is part of what is checked; augmentation would change the "fixed" batches
+    # every epoch while the check scores them as they are.
+    cfg = compose_cfg(["experiment=cifar10_resnet", "debug=overfit"])
+    optimizer = cfg.optimizer
+    assert optimizer._target_ == "torch.optim.SGD" and optimizer.lr == 0.05
+    assert optimizer.momentum == 0.9 and optimizer.nesterov
+    assert (cfg.data.preprocess.crop_padding, cfg.data.preprocess.flip) == (0, False)
+    assert cfg.data.preprocess.mean == [0.4914, 0.4822, 0.4465]  # normalising stays
 
 
 def test_debug_presets_log_into_a_throwaway_store_in_the_temp_folder(compose_cfg):

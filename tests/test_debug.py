@@ -63,18 +63,19 @@ def test_fast_honours_an_explicit_store_and_tags_the_experiment(tiny_overrides, 
 
 
 def test_overfit_passes_for_a_model_that_learns(tiny_overrides, tmp_path, store):
+    # The default config's own optimizer, the article's Adam 1e-4, over the preset's epochs.
     done = cnnlab("train", *preset_runs(tiny_overrides), "debug=overfit", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     [verdict] = [line for line in done.stdout.splitlines() if line.startswith("Overfit check")]
     assert verdict.startswith("Overfit check passed: loss ")
-    assert "the 20 samples of train.overfit_batches=2 after 100 epochs" in verdict
+    assert "the 20 samples of train.overfit_batches=2 after 300 epochs" in verdict
 
     run = store.only_run()
     assert run.info.status == "FINISHED" and run.data.tags["cnnlab.overfit"] == "passed"
     [(step, loss)] = store.history(run.info.run_id, "overfit_loss")
-    assert step == 200 and loss < 0.05  # 100 epochs of 2 mini-batches
+    assert step == 600 and loss < 0.05  # 300 epochs of 2 mini-batches
     losses = store.history(run.info.run_id, "train_loss")
-    assert [s for s, _ in losses] == list(range(2, 201, 2))  # one mean loss per epoch
+    assert [s for s, _ in losses] == list(range(2, 601, 2))  # one mean loss per epoch
     assert losses[-1][1] < 0.05 < losses[0][1]
 
 
