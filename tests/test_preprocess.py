@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from cnnlab.data import Split
 from cnnlab.loop import TrainingInterrupted, train_one_epoch
 from cnnlab.models import ConvNet
-from cnnlab.preprocess import Augment, Normalized, to_float
+from cnnlab.preprocess import Augment, Normalized, on_device, to_float
 from cnnlab.step import TrainStep, flat_parameters
 from helpers import Store, cnnlab, one_error_line
 
@@ -140,3 +140,22 @@ def test_normalization_errors_are_one_line(tiny_overrides, tmp_path):
     )
     assert channels.returncode != 0
     assert "1 channel(s)" in one_error_line(channels)
+
+
+def test_a_split_over_the_budget_trains_the_same_bits_converted_per_batch():
+    data = uint8_split(60)
+    held, streamed = on_device(data, torch.device("cpu")), on_device(data, torch.device("cpu"), 0)
+    assert held.images.dtype == torch.float32 and streamed.images.dtype == torch.uint8
+
+    def weights(split: Split) -> list[torch.Tensor]:
+        torch.manual_seed(3)
+        model = ConvNet(in_shape=(1, 12, 12), num_classes=10, conv_channels=[4], hidden=[16])
+        optimizer = torch.optim.Adam([flat_parameters(model)], lr=1e-2)
+        augment = Augment(len(split), crop_padding=1, flip=True, device=torch.device("cpu"))
+        step = TrainStep(model, optimizer, split, 8, augment=augment)
+        torch.manual_seed(5)
+        for _ in train_one_epoch(step, 4):
+            pass
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(weights(held), weights(streamed), strict=True))

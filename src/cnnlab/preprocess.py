@@ -1,8 +1,9 @@
 """Stored images to a model's input, on the device, a whole batch at a time.
 
-Datasets are held as uint8 (N, C, H, W) (a quarter of float32's memory, so CIFAR or an image
-folder stays on the GPU). Each mini-batch is converted to float in [0, 1] as it is used, the
-article's ToTensor applied to a batch: the same bits as converting the whole set up front.
+Datasets are decoded and cached as uint8 (N, C, H, W). On the training device a split whose
+float32 copy fits FLOAT_BUDGET is converted once (MNIST, CIFAR: no per-step cost); a bigger one
+(an image folder of large images) stays uint8, a quarter of the memory, and each mini-batch is
+converted as it is used. Either way it is the article's ToTensor (x / 255), the same bits.
 
 - Augmentation (`data.preprocess.crop_padding`, `flip`) is training-only: each sample's crop
   offset and flip are drawn for the whole epoch right after its order, from the same global RNG,
@@ -20,6 +21,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnnlab import CnnlabError
+from cnnlab.data import Split
+
+FLOAT_BUDGET = 2 * 2**30  # bytes of float32 pixels a split may take on the device
+
+
+def on_device(split: Split, device: torch.device, budget: int = FLOAT_BUDGET) -> Split:
+    """`split` on `device`, its images converted to float once where that copy fits `budget`."""
+    split = split.to(device)  # uint8 crosses to a GPU: a quarter of the bytes
+    if split.images.numel() * 4 <= budget:
+        split = Split(to_float(split.images), split.labels)
+    return split
 
 
 def to_float(images: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ from cnnlab.data import IDX_SETS, Dataset, Split, data_arguments, load_dataset
 from cnnlab.hardware import setup_hardware
 from cnnlab.loop import TrainingInterrupted, evaluate, train_one_epoch
 from cnnlab.models import configured_network
-from cnnlab.preprocess import Augment, to_float
+from cnnlab.preprocess import Augment, on_device, to_float
 from cnnlab.provenance import command_line_overrides, log_config, requirements, run_tags
 from cnnlab.step import TrainStep, flat_parameters
 from cnnlab.sweep import in_sweep, job_tags, nan_for_a_failed_job, remember_job_run, requeued_run
@@ -65,7 +65,7 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
     device = setup_hardware(cfg.hardware)
 
     data = load_dataset(**data_arguments(cfg.data, launch_path(cfg.data.root)))
-    train_split, test_split = data.train.to(device), data.test.to(device)
+    train_split, test_split = on_device(data.train, device), on_device(data.test, device)
     if cfg.train.overfit_batches:  # a few fixed batches: can the model fit them at all?
         train_split = first(train_split, cfg.train.overfit_batches * cfg.train.batch_size)
     if cfg.train.limit_eval_batches:
@@ -107,6 +107,18 @@ def build_model(
     return model, optimizer
 
 
+def training_step(
+    cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_split: Split
+) -> TrainStep:
+    """The step `fit` trains with: the batch size, CUDA graph and augmentation of `cfg`."""
+    pre = cfg.data.preprocess
+    augment = Augment(len(train_split), pre.crop_padding, pre.flip, train_split.labels.device)
+    return TrainStep(
+        model, optimizer, train_split, cfg.train.batch_size, cfg.hardware.cuda_graphs,
+        augment if augment.active else None,
+    )  # fmt: skip
+
+
 def fit(
     cfg: DictConfig,
     model: torch.nn.Module,
@@ -124,12 +136,7 @@ def fit(
     if progress.epoch >= cfg.train.epochs:  # a resumed run that had trained every epoch already
         accuracy = evaluate(model, test_split, cfg.train.eval_batch_size)[1]
     show_bar = sys.stderr.isatty()
-    pre = cfg.data.preprocess
-    augment = Augment(len(train_split), pre.crop_padding, pre.flip, train_split.labels.device)
-    step = TrainStep(
-        model, optimizer, train_split, cfg.train.batch_size, cfg.hardware.cuda_graphs,
-        augment if augment.active else None,
-    )  # fmt: skip
+    step = training_step(cfg, model, optimizer, train_split)
     with interrupts.stop_requests() as stop, tempfile.TemporaryDirectory() as tmp:
         last = Path(tmp) / "last.pt"
         for epoch in range(progress.epoch, cfg.train.epochs):
