@@ -230,7 +230,7 @@ def test_experiment_article_is_the_default_run(compose_cfg):
 
 def test_a_debug_preset_wins_over_an_experiment_and_the_command_line_over_both(compose_cfg):
     cfg = compose_cfg(["experiment=mnist_fast", "debug=overfit"])
-    assert cfg.train.batch_size == 32 and cfg.optimizer.lr == 5e-4  # the recipe's
+    assert cfg.train.batch_size == 32 and cfg.optimizer.lr == 1e-3  # the recipe's
     assert (cfg.train.epochs, cfg.train.overfit_batches) == (300, 2)
     cfg = compose_cfg(["debug=overfit", "optimizer=sgd", "optimizer.lr=0.01", "train.epochs=7"])
     assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == 0.01
