@@ -59,13 +59,22 @@ def test_augmentations_follow_the_rng_like_the_order():
     assert not torch.equal(augment.offsets, first[0])
 
 
+def augmented_step(data: Split, trained: TrainStep | None = None) -> TrainStep:
+    """A batch-8 step with crop and flip: of a new small ConvNet, or of `trained`'s model and
+    optimizer (as a resumed process builds it: new step, new augmentations)."""
+    if trained is None:
+        torch.manual_seed(3)
+        model = ConvNet(in_shape=(1, 12, 12), num_classes=10, conv_channels=[4], hidden=[16])
+        optimizer = torch.optim.Adam([flat_parameters(model)], lr=1e-2)
+    else:
+        model, optimizer = trained.model, trained.optimizer
+    augment = Augment(len(data), crop_padding=2, flip=True, device=torch.device("cpu"))
+    return TrainStep(model, optimizer, data, 8, augment=augment)
+
+
 def _trained(data: Split, stop_after: int | None) -> list[torch.Tensor]:
     """One augmented epoch of batch 8; with stop_after, stopped there and resumed."""
-    torch.manual_seed(3)
-    model = ConvNet(in_shape=(1, 12, 12), num_classes=10, conv_channels=[4], hidden=[16])
-    optimizer = torch.optim.Adam([flat_parameters(model)], lr=1e-2)
-    augment = Augment(len(data), crop_padding=2, flip=True, device=torch.device("cpu"))
-    step = TrainStep(model, optimizer, data, 8, augment=augment)
+    step = augmented_step(data)
     torch.manual_seed(11)
     losses = []
     calls = iter(range(10**6))
@@ -78,10 +87,9 @@ def _trained(data: Split, stop_after: int | None) -> list[torch.Tensor]:
         torch.manual_seed(999)  # whatever the RNG did since, the epoch's own state comes back
         torch.set_rng_state(rng)
         # A new process: a new step and new augmentations, which must be drawn again alike.
-        augment = Augment(len(data), crop_padding=2, flip=True, device=torch.device("cpu"))
-        step = TrainStep(model, optimizer, data, 8, augment=augment)
+        step = augmented_step(data, step)
         losses += [loss for _, loss in train_one_epoch(step, 2, False, batch, running)]
-    return [*losses, *[p.detach().clone() for p in model.parameters()]]
+    return [*losses, *[p.detach().clone() for p in step.model.parameters()]]
 
 
 def test_an_augmented_epoch_resumed_mid_way_trains_the_same_batches():
@@ -148,14 +156,10 @@ def test_a_split_over_the_budget_trains_the_same_bits_converted_per_batch():
     assert held.images.dtype == torch.float32 and streamed.images.dtype == torch.uint8
 
     def weights(split: Split) -> list[torch.Tensor]:
-        torch.manual_seed(3)
-        model = ConvNet(in_shape=(1, 12, 12), num_classes=10, conv_channels=[4], hidden=[16])
-        optimizer = torch.optim.Adam([flat_parameters(model)], lr=1e-2)
-        augment = Augment(len(split), crop_padding=1, flip=True, device=torch.device("cpu"))
-        step = TrainStep(model, optimizer, split, 8, augment=augment)
+        step = augmented_step(split)
         torch.manual_seed(5)
         for _ in train_one_epoch(step, 4):
             pass
-        return [p.detach().clone() for p in model.parameters()]
+        return [p.detach().clone() for p in step.model.parameters()]
 
     assert all(torch.equal(a, b) for a, b in zip(weights(held), weights(streamed), strict=True))
