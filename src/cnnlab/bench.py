@@ -498,10 +498,10 @@ def section_batch_sizes(cfg: DictConfig, data: Dataset, device: torch.device) ->
 def section_datasets(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
     """Training samples/s per dataset, each with its own recipe, same steps as cnnlab-train.
 
-    MNIST runs the article's settings twice: images held as uint8 and converted per batch on
-    the device (how cnnlab holds every dataset), against float32 held whole (how it held MNIST
-    before CIFAR and image folders had to fit in memory). Fashion-MNIST is measured where its
-    files are present; a CIFAR-shaped synthetic set (50,000 3x32x32 uint8) trains ResNet-18 as
+    MNIST runs the article's settings twice: images held as float32 (as cnnlab-train holds any
+    split that fits preprocess.FLOAT_BUDGET), against uint8 converted per batch on the device
+    (how a split over the budget trains). Fashion-MNIST is fetched as a first run would where
+    data.root has none; a CIFAR-shaped synthetic set (50,000 3x32x32 uint8) trains ResNet-18 as
     experiment=cifar10_resnet does, with and without its crop + flip augmentation.
     """
     batches = cfg.bench.batches

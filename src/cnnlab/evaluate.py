@@ -35,7 +35,9 @@ def evaluate_logged(
     uri = store_uri(cfg)
     model = load_model(model_ref, uri, trust_store)
     data_cfg = cfg.data
-    logged = None if switched or not model.run_id else run_config(uri, model.run_id, True)
+    logged = None
+    if not switched and model.run_id:  # a rebuilt model's loading read the config already
+        logged = model.config if model.config is not None else run_config(uri, model.run_id, True)
     if logged is not None:
         # The run's own test set: a CIFAR model is scored on CIFAR without saying so. Where
         # the files are missing nothing is fetched: the sources a store names (mirrors, npm

@@ -30,6 +30,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from cnnlab import CnnlabError, models
 from cnnlab.data import (
     DATASETS,
+    DEFAULT_SPLITS,
     EMNIST_SPLITS,
     QMNIST_TESTS,
     dataset_files,
@@ -361,7 +362,7 @@ def validate(cfg: DictConfig) -> None:
 
 def _check_normalization(pre: DictConfig) -> None:
     # mean without std (or lists of different lengths) has no meaning; the number of channels
-    # is checked against the data once it is read (train.build_model).
+    # is checked against the data once it is read (preprocess.with_normalization).
     if pre.mean is None and pre.std is None:
         return
     if pre.mean is None or pre.std is None or len(pre.mean) != len(pre.std):
@@ -414,7 +415,7 @@ def _validate_data(data: DictConfig) -> None:
                     f"data.{key} applies to ImageFolder only ({dataset} has fixed images); "
                     f"set data.{key}=null"
                 )
-    known = list(dataset_files(dataset, split or (splits or [None])[0]))
+    known = list(dataset_files(dataset, split or DEFAULT_SPLITS.get(dataset)))
     for key, value in (data.get("md5") or {}).items():
         if key not in known:
             what = f"valid keys: {', '.join(known)}" if known else f"{dataset} takes no md5s"

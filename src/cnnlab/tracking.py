@@ -616,6 +616,7 @@ class LoadedModel(torch.nn.Module):
         classes: list[str] | None = None,
         run_id: str | None = None,
         light_on_dark: bool = True,
+        config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # Held outside the module tree: an exported program refuses .train() and .eval().
@@ -624,6 +625,7 @@ class LoadedModel(torch.nn.Module):
         self.classes = classes  # names by label, where the run logged them
         self.run_id = run_id  # the run that logged it, where the MLmodel says
         self.light_on_dark = light_on_dark  # learnt MNIST-like strokes: predict may invert
+        self.config = config  # its run's logged config, where loading it read that already
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the logged network."""
@@ -639,7 +641,7 @@ def load_model(model_ref: str, tracking_uri: str, trust_store: bool = False) -> 
     """
     check_reachable(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
-    model_uri, run_id = model_ref, None
+    model_uri, run_id, config = model_ref, None, None
     if "://" not in model_ref and ":/" not in model_ref:  # a run id: the model that run logged
         tags = _get_run(tracking_uri, model_ref)[1].data.tags
         if "cnnlab.model_uri" not in tags:
@@ -655,6 +657,7 @@ def load_model(model_ref: str, tracking_uri: str, trust_store: bool = False) -> 
             ) from exc
         if not isinstance(mlmodel, dict):
             raise TrackingError(f"model {model_uri} has no readable MLmodel file")
+        run_id = run_id or mlmodel.get("run_id")
         # Checked before anything else is read: a refused model costs nothing more.
         archive = None if trust_store else exported.archive(local, mlmodel, model_uri)
         in_shape, num_classes = exported.signature_shapes(mlmodel, model_uri)
@@ -666,14 +669,13 @@ def load_model(model_ref: str, tracking_uri: str, trust_store: bool = False) -> 
                 raise TrackingError(f"cannot load model {model_uri}: {reason}") from exc
         else:
             try:
-                config = run_config(tracking_uri, str(run_id or mlmodel.get("run_id")))
+                config = run_config(tracking_uri, str(run_id))
             except TrackingError as exc:
                 raise TrackingError(
                     f"model {model_uri} is rebuilt from its run's logged config: {exc}; "
                     f"{exported.TRUST_STORE_HINT}"
                 ) from exc
             network = exported.rebuilt_network(config, in_shape, num_classes, archive, model_uri)
-    logged_by = run_id or mlmodel.get("run_id")
     metadata = mlmodel.get("metadata") if isinstance(mlmodel.get("metadata"), dict) else {}
     # Models logged before this was recorded were all MNIST-like when greyscale.
     light_on_dark = metadata.get("cnnlab.light_on_dark", in_shape[0] == 1) is True
@@ -681,8 +683,9 @@ def load_model(model_ref: str, tracking_uri: str, trust_store: bool = False) -> 
         network,
         in_shape,
         _class_names(metadata, num_classes),
-        str(logged_by) if logged_by else None,
+        str(run_id) if run_id else None,
         light_on_dark,
+        config,
     )
 
 
