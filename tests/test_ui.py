@@ -36,10 +36,11 @@ RUN_NAME = "convnet-tiny"
 SWEEP = ("optimizer.lr=1e-3,3e-3", ["optimizer.lr=0.001", "optimizer.lr=0.003"])  # children's names
 CONFUSION_MATRIX = "figures/confusion_matrix.png"
 
-# Issue 13's product features, logged by cnnlab-train once they land on main. Until then the
-# fixture stands in for them (`_stand_in`), so that every UI assertion below already runs.
-CNNLAB_LOGS_DATASETS = False  # log_inputs: `mnist-train` (Training), `mnist-test` (Evaluation)
-CNNLAB_LOGS_FIGURES = False  # figures/confusion_matrix.png, ...
+# Issue 13's product features, logged by cnnlab-train once they land from main (the contract:
+# datasets `mnist-train`/`mnist-test` as run inputs, figures/confusion_matrix.png, the experiment
+# tagged mlflow.experimentKind=custom_model_development). Until then the fixture stands in for
+# the datasets and the figure (`_stand_in`), so that every UI assertion below already runs.
+CNNLAB_LOGS_UI_FEATURES = False
 
 
 class Ui:
@@ -86,25 +87,26 @@ def ui(tiny_data, tmp_path_factory) -> Iterator[Ui]:
 
 
 def _stand_in(store: Store, folder: Path) -> None:
-    """Log by hand what cnnlab-train does not log yet (issue 13), exactly as the main branch's
-    contract says it will: the runs' dataset inputs and a confusion-matrix PNG. Goes away once
-    both flags above are on."""
+    """Log by hand what cnnlab-train does not log yet (issue 13), as the main branch's contract
+    says it will: the runs' dataset inputs and a confusion-matrix PNG. Goes away once
+    CNNLAB_LOGS_UI_FEATURES is on."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    if CNNLAB_LOGS_UI_FEATURES:
+        return
 
     client = store.client
     image = folder / "confusion_matrix.png"
     Image.new("RGB", (320, 240), "navy").save(image)
     for run in store.runs():
-        if not CNNLAB_LOGS_DATASETS:
-            source = '{"uri": "file:///data/MNIST/raw"}'
-            inputs = [
-                DatasetInput(Dataset(name, "0123456789", "local", source),
-                             [InputTag("mlflow.data.context", context)])
-                for name, context in (("mnist-train", "training"), ("mnist-test", "evaluation"))
-            ]  # fmt: skip
-            client.log_inputs(run.info.run_id, datasets=inputs)
-        if not CNNLAB_LOGS_FIGURES:
-            client.log_artifact(run.info.run_id, str(image), "figures")
+        source = '{"uri": "file:///data/MNIST/raw"}'
+        inputs = [
+            DatasetInput(Dataset(name, "0123456789", "local", source),
+                         [InputTag("mlflow.data.context", context)])
+            for name, context in (("mnist-train", "training"), ("mnist-test", "evaluation"))
+        ]  # fmt: skip
+        client.log_inputs(run.info.run_id, datasets=inputs)
+        client.log_artifact(run.info.run_id, str(image), "figures")
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +122,7 @@ def page(ui: Ui, tmp_path_factory):
     try:
         context = playwright.chromium.launch_persistent_context(
             tmp_path_factory.mktemp("chromium-profile"), executable_path=CHROMIUM,
-            headless=True, args=CHROMIUM_ARGS, viewport={"width": 1600, "height": 1000},
+            headless=True, args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 800},
         )  # fmt: skip
     except Error as exc:
         playwright.stop()
@@ -167,6 +169,9 @@ def test_the_experiment_opens_on_its_training_runs(ui: Ui, page):
     expect(page.get_by_role("heading", name="Runs")).to_be_visible()
     expect(page.get_by_role("link", name=RUN_NAME, exact=True)).to_be_visible()
     assert_datasets_shown(run_row(page, RUN_NAME))
+    if CNNLAB_LOGS_UI_FEATURES:  # MLflow 3.17's UI picks the view by the switch, not the tag
+        tags = ui.store.client.get_experiment(ui.experiment_id).tags
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_the_link_a_user_is_given_opens_the_runs_list(ui: Ui, page):
@@ -201,6 +206,8 @@ def test_the_run_page_charts_train_loss(ui: Ui, page):
     page.goto(ui.runs_url())
     page.get_by_role("link", name=RUN_NAME, exact=True).click()
     expect(page.get_by_role("heading", name=RUN_NAME)).to_be_visible()
+    expect(page.get_by_text("About this run", exact=True)).to_be_visible()
+    ui.shot(page, "run_overview")
     page.get_by_role("tab", name="Model metrics").click()
     # One chart card per metric, titled by its name (the legend reads "<run> (train_loss)").
     for metric in ("train_loss", "test_accuracy"):
