@@ -39,14 +39,23 @@ from cnnlab import CnnlabError, reference, schema
 from cnnlab import train as train_module
 from cnnlab.cli import CONF_DIR, compose_config, launch_path, run_cli
 from cnnlab.data import Dataset, Split, data_arguments, load_dataset
+from cnnlab.figures import prediction_figures
 from cnnlab.hardware import setup_hardware
-from cnnlab.loop import train_one_epoch
+from cnnlab.loop import predicted, train_one_epoch
 from cnnlab.models import ConvNet, build_network
 from cnnlab.preprocess import FLOAT_BUDGET, on_device, to_float
 from cnnlab.provenance import flatten
 from cnnlab.reference import article_training
 from cnnlab.step import flat_parameters, optimizer_step
-from cnnlab.tracking import Tracker, check_reachable, closing_run, create_run, sweep_children
+from cnnlab.tracking import (
+    Tracker,
+    check_reachable,
+    closing_run,
+    create_run,
+    find_runs,
+    metric_history,
+    sweep_children,
+)
 from cnnlab.train import build_model, train, training_step
 
 
@@ -304,6 +313,64 @@ def section_tracking(cfg: DictConfig, data: Dataset, device: torch.device) -> li
         f"    in the epoch loop ({in_loop}) {slow['loop']:.3f} s; max "
         f"{slow['loop_max'] * 1000:.1f} ms for one call (a blocking call would wait >= 200 ms)",
         f"    end (wait for delivery) {slow['end']:.2f} s; whole run {slow_seconds:.2f} s",
+    ]
+
+
+def section_ui(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
+    """What the UI's extras add to a 1-epoch tracked run: the figures (predictions on the test
+    split, three PNGs) and the system metrics (a sample every tracking.system_metrics_interval
+    seconds), each alone against a run with neither; and the figures' own time."""
+    folder = Path(tempfile.mkdtemp(prefix="cnnlab-bench-ui-"))
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+
+    def one_epoch(name: str, figures: bool, system: bool) -> Callable[[], float]:
+        def measure() -> float:
+            run_cfg = OmegaConf.merge(
+                cfg,
+                {
+                    "train": {"epochs": 1},
+                    "tracking": {
+                        "enabled": True, "uri": uri, "pending_dir": str(folder / "pending"),
+                        "log_figures": figures, "system_metrics": system, "run_name": name,
+                    },
+                },
+            )  # fmt: skip
+            start = time.perf_counter()
+            with _quiet():
+                train(run_cfg)
+            return time.perf_counter() - start
+
+        return measure
+
+    one_epoch("warm-up", False, False)()  # the store, torch.export's first model: paid once
+    seconds = alternate(cfg.bench.rounds, {
+        "neither": one_epoch("neither", False, False),
+        "figures": one_epoch("figures", True, False),
+        "system metrics": one_epoch("system", False, True),
+    })  # fmt: skip
+    system_run = find_runs(uri, cfg.tracking.experiment, "mlflow.runName", "system")[0]
+    samples = len(metric_history(uri, system_run, "system/cpu_utilization_percentage"))
+
+    model, _ = build_model(cfg, data, device)
+    test = on_device(data.test, device)
+    times = []
+    for _ in range(cfg.bench.rounds):
+        start = time.perf_counter()
+        guesses = predicted(model, test, cfg.train.eval_batch_size)
+        for figure in prediction_figures(data.test.images, data.test.labels, guesses,
+                                         data.classes).values():  # fmt: skip
+            figure.savefig(io.BytesIO(), format="png", dpi=100)
+        times.append(time.perf_counter() - start)
+    neither = seconds.median("neither")
+    return [
+        f"MLflow UI extras, 1-epoch tracked run ({len(data.test)} test images):",
+        f"  neither          {neither:7.2f} s",
+        f"  figures          {seconds.median('figures'):7.2f} s   overhead "
+        f"{seconds.ratio('figures', 'neither') - 1:+.1%}; making them alone "
+        f"{statistics.median(times):.2f} s (test-split predictions + 3 PNGs)",
+        f"  system metrics   {seconds.median('system metrics'):7.2f} s   overhead "
+        f"{seconds.ratio('system metrics', 'neither') - 1:+.1%}; {samples} samples in the last "
+        f"run (every {cfg.tracking.system_metrics_interval:g} s)",
     ]
 
 
@@ -723,6 +790,7 @@ SECTIONS = {
     "parallel": section_parallel,
     "datasets": section_datasets,
     "sweep": section_sweep,
+    "ui": section_ui,
 }
 
 

@@ -1,6 +1,7 @@
 """cnnlab-eval: test loss and accuracy of a logged model on a dataset's test split.
 
-    cnnlab-eval <run_id | models:/m-...> [data.root=...] [data=fashion_mnist] [--trust-store]
+    cnnlab-eval <run_id | models:/m-... | models:/NAME@ALIAS> [data.root=...] [data=...]
+                [--trust-store]
 
 It finds the store like cnnlab-train (tracking.uri=..., $MLFLOW_TRACKING_URI, or mlflow.db here)
 and takes cnnlab-train's key=value overrides for it and for the data. The data is the run's own
@@ -59,7 +60,10 @@ def evaluate_logged(
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a run id or a models:/ URI")
+    parser.add_argument(
+        "model",
+        help="a run id, or a models:/ URI: models:/m-<id> or a registered models:/NAME@ALIAS",
+    )
     add_trust_store(parser)
 
 

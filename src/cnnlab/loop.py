@@ -99,16 +99,25 @@ def _finite(loss: float, batch: int) -> float:
     return loss
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data: Split, batch_size: int) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (0..1) of `model` over `data`."""
+@torch.no_grad()  # on a generator: torch restores the caller's grad mode at every yield
+def _logits(model: nn.Module, data: Split, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """(labels, logits) of `data`'s batches, the model in eval mode, without gradients."""
     model.eval()
-    total_loss = torch.zeros((), dtype=torch.float64, device=data.labels.device)
-    correct = torch.zeros((), dtype=torch.int64, device=data.labels.device)
     for start in range(0, len(data), batch_size):
         images = data.images[start : start + batch_size]
-        labels = data.labels[start : start + batch_size]
-        logits = model(to_float(images))
+        yield data.labels[start : start + batch_size], model(to_float(images))
+
+
+def evaluate(model: nn.Module, data: Split, batch_size: int) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (0..1) of `model` over `data`."""
+    total_loss = torch.zeros((), dtype=torch.float64, device=data.labels.device)
+    correct = torch.zeros((), dtype=torch.int64, device=data.labels.device)
+    for labels, logits in _logits(model, data, batch_size):
         total_loss += F.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(dim=1) == labels).sum()
     return total_loss.item() / len(data), correct.item() / len(data)
+
+
+def predicted(model: nn.Module, data: Split, batch_size: int) -> Tensor:
+    """The class `model` predicts for each of `data`'s samples (on the CPU)."""
+    return torch.cat([logits.argmax(dim=1).cpu() for _, logits in _logits(model, data, batch_size)])

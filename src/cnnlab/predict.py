@@ -1,6 +1,6 @@
 """cnnlab-predict: the class of each image file, by a logged model.
 
-    cnnlab-predict <run_id | models:/m-...> digit.png another.jpg ... [--trust-store]
+    cnnlab-predict <run_id | models:/m-... | models:/NAME@ALIAS> digit.png ... [--trust-store]
 
 It finds the store like cnnlab-train (tracking.uri=..., $MLFLOW_TRACKING_URI, or mlflow.db here)
 and takes cnnlab-train's key=value overrides for it.
@@ -139,7 +139,10 @@ def predict(
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a run id or a models:/ URI")
+    parser.add_argument(
+        "model",
+        help="a run id, or a models:/ URI: models:/m-<id> or a registered models:/NAME@ALIAS",
+    )
     parser.add_argument("images", nargs="*", help="image files (PNG, JPEG, ...)")
     add_trust_store(parser)
 

@@ -3,6 +3,8 @@ config a run logs so that it can be run again."""
 
 from __future__ import annotations
 
+import getpass
+import hashlib
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab import __version__
+from cnnlab.data import Dataset
+from cnnlab.tracking import DatasetRecord, dataset_record
 
 
 def code_tags() -> dict[str, str]:
@@ -35,7 +39,58 @@ def run_tags(cfg: DictConfig, device: torch.device, data_checksum: str) -> dict[
         "cnnlab.dataset_md5": data_checksum,
         "cnnlab.overrides": " ".join(command_line_overrides()),
         **recipe_tags(),
+        # What the UI shows as the run's Source, User and Description.
+        "mlflow.source.name": "cnnlab-train",
+        "mlflow.source.type": "LOCAL",
+        "mlflow.user": _user(),
+        "mlflow.note.content": description(cfg),
     }
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container's uid without a passwd entry
+        return "unknown"
+
+
+def description(cfg: DictConfig, data: Dataset | None = None, accuracy: float | None = None) -> str:
+    """The run page's description (markdown): model, data, optimizer, epochs; the data's size
+    and the final test accuracy once known."""
+    model = cfg.model.get("name") or str(cfg.model.get("_target_", "model")).rpartition(".")[2]
+    optimizer = str(cfg.optimizer._target_).rpartition(".")[2]
+    if (lr := cfg.optimizer.get("lr")) is not None:
+        optimizer += f" lr {lr:g}"
+    lines = [
+        f"**{model}** on **{cfg.data.name}**, {optimizer}, batch {cfg.train.batch_size}, "
+        f"{cfg.train.epochs} epoch(s), seed {cfg.train.seed}"
+    ]
+    if data is not None:
+        shape = "x".join(map(str, data.in_shape))
+        lines.append(f"{len(data.train)} training / {len(data.test)} test images of {shape}, "
+                     f"{data.num_classes} classes")  # fmt: skip
+    if accuracy is not None:
+        lines.append(f"Test accuracy: **{accuracy:.2%}**")
+    return "\n\n".join(lines)
+
+
+def dataset_inputs(name: str, data: Dataset) -> list[DatasetRecord]:
+    """The run's training and test splits as MLflow dataset inputs, `<name>-train` and
+    `<name>-test`, each with a digest derived from the files' md5s."""
+    return [
+        dataset_record(
+            f"{name}-{split}",
+            hashlib.md5(f"{data.checksum}:{split}".encode()).hexdigest()[:10],
+            data.source,
+            context,
+            tuple(part.images.shape),
+            data.num_classes,
+        )  # fmt: skip
+        for split, part, context in (
+            ("train", data.train, "training"),
+            ("test", data.test, "evaluation"),
+        )  # fmt: skip
+    ]
 
 
 def recipe_tags() -> dict[str, str]:

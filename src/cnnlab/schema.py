@@ -169,6 +169,11 @@ class TrackingConf:
     request_timeout: int = 10  # seconds one HTTP request to a tracking server may take
     flush_timeout: float = 60.0  # seconds the end of a run waits for the store to take its logs
     pending_dir: str = "cnnlab-pending"  # logs on their way to the store wait here, per run
+    log_figures: bool = True  # confusion matrix, per-class accuracy, misclassified images
+    system_metrics: bool = True  # CPU, memory, disk, network, GPU: the UI's System metrics tab
+    system_metrics_interval: float = 2.0  # seconds between samples
+    register_as: str | None = None  # a registered model name: register the run's model there
+    register_alias: str = "candidate"  # the alias the registered version gets (sweep: "best")
 
 
 @dataclass
@@ -293,6 +298,14 @@ def _non_negative(v: Any) -> bool:
 
 # (key, check, what a valid value is). Keys absent from the chosen option (momentum under adam)
 # are skipped; the schema already rejects keys that don't exist anywhere.
+def _alias(value: str) -> bool:
+    return (
+        bool(re.fullmatch(r"[A-Za-z0-9_-]+", value))
+        and value.lower() != "latest"
+        and not (re.fullmatch(r"[vV]\d+", value))
+    )
+
+
 _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("train.epochs", _positive_int, "an integer >= 1"),
     ("train.batch_size", _positive_int, "an integer >= 1"),
@@ -333,6 +346,21 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("tracking.request_timeout", _positive_int, "a whole number of seconds >= 1"),
     ("tracking.flush_timeout", _non_negative, "a number of seconds >= 0"),
     ("tracking.pending_dir", lambda v: bool(v.strip()), "a folder"),
+    (
+        "tracking.system_metrics_interval",
+        lambda v: _positive_float(v) and v >= 0.1,
+        "a number of seconds >= 0.1",
+    ),
+    (
+        "tracking.register_as",
+        lambda v: bool(v.strip()) and "/" not in v and ":" not in v,
+        "a registered model name without / or :",
+    ),
+    (
+        "tracking.register_alias",
+        _alias,
+        "an alias of letters, digits, _ and - (not 'latest' or v<number>, which MLflow reserves)",
+    ),
 ]
 
 
@@ -348,6 +376,12 @@ def validate(cfg: DictConfig) -> None:
     if own_model and (missing := sorted(OmegaConf.missing_keys(cfg.model))):
         example = " (e.g. model.name=mobilenet_v3_small)" if missing[0] == "model.name" else ""
         raise ConfigError(f"{missing[0]} has no value; set {missing[0]}=<value>{example}")
+    register_as = OmegaConf.select(cfg, "tracking.register_as")
+    if register_as and not cfg.tracking.log_model:
+        raise ConfigError(
+            f"tracking.register_as={register_as} registers the run's model, but "
+            "tracking.log_model=false logs none; set tracking.log_model=true"
+        )
     for key, ok, expected in _RULES:
         if key.startswith("model.") and not own_model:
             continue

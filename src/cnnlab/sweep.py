@@ -27,6 +27,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from cnnlab.figures import sweep_figures
 from cnnlab.tracking import Tracker, attach_run, check_reachable, create_run, resolve_uri, run_state
 
 SWEEP_FILE = "cnnlab-sweep.json"  # in hydra.sweep.dir: what each job needs to find its parent
@@ -59,6 +60,8 @@ class SweepCallback(Callback):
     def __init__(self) -> None:
         self.parent: Tracker | None = None
         self.swept: list[str] = []
+        self.log_figures = False  # the sweep's tracking.log_figures and register_as
+        self.register_as: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Create the parent run before any job starts (and the store, so jobs never race)."""
@@ -81,6 +84,8 @@ class SweepCallback(Callback):
             "cnnlab.sweep_dir": str(sweep_dir.resolve()),
             "cnnlab.swept": ",".join(self.swept),
         }
+        self.log_figures = config.tracking.log_figures
+        self.register_as = config.tracking.register_as
         self.parent = _open_parent = create_run(
             uri,
             config.tracking.experiment,
@@ -118,7 +123,12 @@ class SweepCallback(Callback):
             parent.log_params({f"best.{k}": v for k, v in best["values"].items()})
             parent.log_metrics({f"best_{METRIC}": best["metrics"][METRIC]}, step=0)
             print(f"; best {best['run_name']} ({METRIC} {best['metrics'][METRIC]:.4f})", end="")
+            if self.register_as:  # the jobs left it to the sweep: only the best is registered
+                parent.register_model(self.register_as, "best", run_id=best["run_id"])
         print(f"; summary in parent run {parent.run_id}")
+        if self.log_figures:
+            for name, figure in sweep_figures(children, self.swept, METRIC).items():
+                parent.log_figure(figure, name)
 
 
 def end_open_parent(status: str) -> bool:

@@ -35,7 +35,16 @@ import numpy as np
 import sqlalchemy
 import torch
 import yaml
-from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param, RunTag
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModelOutput,
+    LoggedModelStatus,
+    Metric,
+    Param,
+    RunTag,
+)
 from mlflow.models import Model, infer_signature
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.tracking import MlflowClient
@@ -46,6 +55,8 @@ from cnnlab import CnnlabError, exported, interrupts, one_line
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # A retried request is the Journal's business; it says once that the store fails, not per try.
 logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+# Its collectors say at INFO, once per run, that there is no GPU to sample.
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 
 class TrackingError(CnnlabError):
@@ -309,6 +320,15 @@ def deliver(client: MlflowClient, folder: Path, run_id: str, ops: list[dict[str,
             if o.get("status") is not None:  # only the last op of a run carries it
                 client.set_terminated(run_id, o["status"])
         return len(group)
+    if op["op"] == "inputs":
+        client.log_inputs(run_id, datasets=[
+            DatasetInput(Dataset(**d["dataset"]), [InputTag("mlflow.data.context", d["context"])])
+            for d in op["datasets"]
+        ])  # fmt: skip
+        return 1
+    if op["op"] == "register":
+        register_model(client, op.get("run_id", run_id), op["name"], op["alias"])
+        return 1
     source = folder / op["src"]
     if op["op"] == "file":
         client.log_artifact(run_id, str(source), op["dir"])
@@ -339,6 +359,30 @@ def _deliver_model(client: MlflowClient, model_dir: Path, run_id: str, experimen
     client.log_model_artifacts(logged.model_id, str(model_dir))
     client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     client.set_tag(run_id, "cnnlab.model_uri", f"models:/{logged.model_id}")
+
+
+def register_model(client: MlflowClient, run_id: str, name: str, alias: str) -> int:
+    """Register the model run `run_id` logged as a version of registered model `name` (created
+    if need be), point `alias` at it; the version (0: the run has no model, nothing done). A
+    retry registers no second version."""
+    model_uri = client.get_run(run_id).data.tags.get("cnnlab.model_uri")
+    if model_uri is None:  # not worth retrying (the journal retries what raises): say so
+        print(f"warning: run {run_id} logged no model to register as {name}", file=sys.stderr)
+        return 0
+    with suppress(mlflow.exceptions.MlflowException):  # it exists already: a new version of it
+        client.create_registered_model(name)
+    model_id = model_uri.removeprefix("models:/")
+    # The model's files, not its models:/ URI: a SQL registry resolves that URI through the
+    # process's global tracking URI (MLflow's own TODO), which need not be this store's.
+    source = client.get_logged_model(model_id).artifact_location
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    version = next((v for v in existing if v.source == source), None) or (
+        client.create_model_version(name, source, run_id=run_id, model_id=model_id)
+    )
+    client.set_registered_model_alias(name, alias, version.version)
+    print(f"Registered the model of run {run_id} as models:/{name}@{alias} (version "
+          f"{version.version})")  # fmt: skip
+    return int(version.version)
 
 
 def pending_dir(spool: Path, run_id: str) -> Path:
@@ -438,6 +482,31 @@ def check_store(uri: str) -> None:
         raise TrackingError(f"cannot open the MLflow store {db}: {reason.splitlines()[0]}") from exc
 
 
+# One dataset a run read, as the journal keeps it: {"dataset": mlflow Dataset's fields,
+# "context": "training" | "evaluation"}.
+DatasetRecord = dict[str, Any]
+
+
+def dataset_record(
+    name: str, digest: str, folder: Path, context: str, shape: tuple[int, ...], num_classes: int
+) -> DatasetRecord:
+    """What the MLflow UI shows of one split of image files: name, digest, where the files are,
+    a tensor schema (uint8 images, int64 labels) and a profile (rows, shape, classes)."""
+    from mlflow.data.schema import TensorDatasetSchema
+    from mlflow.types import Schema, TensorSpec
+
+    schema = TensorDatasetSchema(
+        Schema([TensorSpec(np.dtype(np.uint8), (-1, *shape[1:]), "images")]),
+        Schema([TensorSpec(np.dtype(np.int64), (-1,), "labels")]),
+    )
+    profile = {"num_rows": shape[0], "images_shape": list(shape), "num_classes": num_classes}
+    dataset = Dataset(
+        name, digest, "local", json.dumps({"uri": folder.resolve().as_uri()}),
+        json.dumps(schema.to_dict()), json.dumps(profile),
+    )  # fmt: skip
+    return {"context": context, "dataset": dict(dataset)}
+
+
 class Tracker:
     """Writes one MLflow run: params, metrics, tags, artifacts and the model.
 
@@ -514,6 +583,23 @@ class Tracker:
         self.journal.append({"op": "dir", "src": str(staged.relative_to(self.journal.folder)),
                              "dir": artifact_path})  # fmt: skip
 
+    def log_inputs(self, datasets: list[DatasetRecord]) -> None:
+        """Record the datasets the run read (the UI's Dataset column), each with its context."""
+        self.journal.append({"op": "inputs", "datasets": datasets})
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """Store a matplotlib figure as a PNG artifact (the UI previews it)."""
+        folder, _, name = artifact_file.rpartition("/")
+        staged = self.journal.stage(name)
+        figure.savefig(staged, format="png", dpi=100)
+        self._file(staged, folder)
+
+    def register_model(self, name: str, alias: str, run_id: str | None = None) -> None:
+        """Register the model logged by this run (or by `run_id`, e.g. a sweep's best child) as
+        a version of `name` with `alias`; after the model itself has been delivered."""
+        self.journal.append({"op": "register", "name": name, "alias": alias,
+                             "run_id": run_id or self.run_id})  # fmt: skip
+
     def log_checkpoint(self, path: Path) -> None:
         """Store `path` as the run's checkpoints/<name>, replacing an earlier one."""
         staged = self.journal.stage(path.name)
@@ -588,6 +674,11 @@ class Tracker:
     def download(self, artifact_path: str, dst: Path) -> Path | None:
         """A local copy of one of the run's artifacts, or None if the run has no such file."""
         return _download(self.client, self.run_id, artifact_path, dst)
+
+    def next_step(self, prefix: str) -> int:
+        """The step after the last one any metric named `prefix`... has in the store."""
+        metrics = self.client.get_run(self.run_id).data._metric_objs  # latest point of each
+        return max((m.step + 1 for m in metrics if m.key.startswith(prefix)), default=0)
 
     def skip_logged_steps(self, keys: list[str]) -> None:
         """Log none of `keys` at steps the run already has: a resumed run repeats no point."""
@@ -770,6 +861,15 @@ class NullTracker:
     def log_checkpoint(self, path: Path) -> None:
         """Log nothing."""
 
+    def log_inputs(self, datasets: list[DatasetRecord]) -> None:
+        """Log nothing."""
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """Log nothing."""
+
+    def register_model(self, name: str, alias: str, run_id: str | None = None) -> None:
+        """Register nothing."""
+
     def log_model(self, *_: Any) -> None:  # Tracker.log_model's arguments
         """Log nothing."""
 
@@ -856,16 +956,82 @@ def run_state(uri: str, run_id: str, artifact_path: str) -> tuple[str, bool]:
 
 def run_record(uri: str, run_id: str) -> dict[str, Any]:
     """A run's name, status, tags, final metrics and the train_loss history [(step, value)]."""
-    client, run = _get_run(uri, run_id)
-    history = client.get_metric_history(run_id, "train_loss")
+    _, run = _get_run(uri, run_id)
     return {
         "run_id": run_id,
         "run_name": run.info.run_name,
         "status": run.info.status,
         "tags": dict(run.data.tags),
         "metrics": dict(run.data.metrics),
-        "train_loss": sorted((m.step, m.value) for m in history),
+        "train_loss": metric_history(uri, run_id, "train_loss"),
     }
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """Every (step, value) run `run_id` logged of metric `key`, by step."""
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in history)
+
+
+class SystemMetrics:
+    """Samples the machine into the run every `interval` seconds, as `system/<name>` at steps
+    `start`, `start` + 1, ...: what the UI's System metrics tab plots.
+
+    MLflow's own collectors take the samples (CPU, memory, disk, network; NVIDIA or AMD GPUs
+    where their libraries see one), so the names are the ones the UI knows. Unlike MLflow's
+    monitor, which writes to the store itself and gives up when a request fails, the samples go
+    through the run's journal, so a slow or lost store delays them like any other metric.
+    """
+
+    def __init__(self, run: Tracker, interval: float, start: int = 0) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # Only its collectors are used (the constructor contacts no store): never start()ed.
+        self._collectors = SystemMetricsMonitor(run.run_id, tracking_uri=run.uri)
+        self.run, self.interval, self.step = run, interval, start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_forever, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> dict[str, float]:
+        self._collectors.collect_metrics()
+        metrics = self._collectors.aggregate_metrics()
+        for collector in self._collectors.monitors:
+            collector.clear_metrics()
+        return metrics
+
+    def _sample_forever(self) -> None:
+        # CPU use is measured from one sample to the next, per thread (psutil): the first
+        # sample only starts the clock.
+        self._sample()
+        while not self._stop.wait(self.interval):
+            metrics = self._sample()
+            try:
+                self.run.log_metrics({f"system/{k}": v for k, v in metrics.items()}, self.step)
+            except TrackingError:  # the journal's disk is full: training says so, not this
+                return
+            self.step += 1
+
+    def stop(self) -> None:
+        """Take no more samples (the last one, if being taken, is logged first)."""
+        self._stop.set()
+        self._thread.join()
+
+
+@contextmanager
+def system_metrics(
+    run: Tracker | NullTracker, interval: float | None, resumed: bool = False
+) -> Iterator[None]:
+    """Sample the machine into `run` every `interval` seconds while the block runs (None: not
+    at all); a resumed run's samples continue its steps."""
+    if interval is None or not isinstance(run, Tracker):
+        yield
+        return
+    sampler = SystemMetrics(run, interval, run.next_step("system/") if resumed else 0)
+    try:
+        yield
+    finally:
+        sampler.stop()
 
 
 @contextmanager
@@ -952,10 +1118,19 @@ def _seed_sqlite_store(uri: str) -> None:
             staging.unlink(missing_ok=True)  # gone from here already once linked
 
 
+# The MLflow UI opens an experiment of this kind on its training runs (charts, params, models)
+# rather than on the GenAI traces overview it shows an experiment of no kind.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND[0] not in experiment.tags:  # made before cnnlab set it; a user's stays
+            client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
         return experiment.experiment_id
     db = _sqlite_file(uri)
     artifact_location = _artifacts_beside(db).as_uri() if db is not None else None
-    return client.create_experiment(name, artifact_location=artifact_location)
+    return client.create_experiment(
+        name, artifact_location=artifact_location, tags=dict([EXPERIMENT_KIND])
+    )

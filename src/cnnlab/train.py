@@ -23,11 +23,19 @@ from cnnlab import CnnlabError, checkpoint, interrupts, schema, sweep
 from cnnlab.checkpoint import Progress
 from cnnlab.cli import CONF_DIR, launch_path, run_cli, store_uri
 from cnnlab.data import IDX_SETS, Dataset, Split, data_arguments, load_dataset
+from cnnlab.figures import prediction_figures
 from cnnlab.hardware import setup_hardware
-from cnnlab.loop import TrainingInterrupted, evaluate, train_one_epoch
+from cnnlab.loop import TrainingInterrupted, evaluate, predicted, train_one_epoch
 from cnnlab.models import configured_network
 from cnnlab.preprocess import Augment, on_device, to_float
-from cnnlab.provenance import command_line_overrides, log_config, requirements, run_tags
+from cnnlab.provenance import (
+    command_line_overrides,
+    dataset_inputs,
+    description,
+    log_config,
+    requirements,
+    run_tags,
+)
 from cnnlab.step import TrainStep, flat_parameters
 from cnnlab.sweep import in_sweep, job_tags, nan_for_a_failed_job, remember_job_run, requeued_run
 from cnnlab.tracking import (
@@ -40,6 +48,7 @@ from cnnlab.tracking import (
     move_credentials_to_env,
     run_config,
     set_request_timeout,
+    system_metrics,
 )
 
 
@@ -80,21 +89,46 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
     ):
         if not cfg.train.resume:
             run.log_dict(data.classes, "data/classes.yaml")  # names by label, e.g. ImageFolder's
+            run.log_inputs(dataset_inputs(cfg.data.name, data))  # the UI's Dataset column
         accuracy = fit(cfg, model, optimizer, train_split, test_split, run, progress)
         if cfg.train.overfit_batches:
             per_epoch = batches_per_epoch(len(train_split), cfg.train.batch_size,
                                           cfg.train.limit_batches)  # fmt: skip
             check_overfit(model, train_split, cfg.train, run, step=cfg.train.epochs * per_epoch)
-        if cfg.tracking.log_model:
-            example = to_float(data.test.images[:2]).numpy()  # (2, C, H, W) in [0, 1]
-            # For cnnlab-predict: class names, and whether dark-on-light images need inverting.
-            about = {
-                "cnnlab.classes": data.classes,
-                "cnnlab.light_on_dark": cfg.data.dataset in IDX_SETS,
-            }
-            run.log_model(model, example, requirements(), about)  # tags cnnlab.model_uri
+        log_results(cfg, run, model, data, test_split, accuracy)
     print("Training process has finished.")
     return accuracy
+
+
+def log_results(
+    cfg: DictConfig,
+    run: Tracker | NullTracker,
+    model: torch.nn.Module,
+    data: Dataset,
+    test_split: Split,
+    accuracy: float,
+) -> None:
+    """What a trained run logs: its description with the result, figures of its mistakes on
+    the test split, the model, and the model's registered version."""
+    if run.run_id is None:  # tracking.enabled=false
+        return
+    run.set_tags({"mlflow.note.content": description(cfg, data, accuracy)})
+    if cfg.tracking.log_figures:
+        guesses = predicted(model, test_split, cfg.train.eval_batch_size)
+        for name, figure in prediction_figures(
+            test_split.images, test_split.labels, guesses, data.classes
+        ).items():
+            run.log_figure(figure, name)
+    if cfg.tracking.log_model:
+        example = to_float(data.test.images[:2]).numpy()  # (2, C, H, W) in [0, 1]
+        # For cnnlab-predict: class names, and whether dark-on-light images need inverting.
+        about = {
+            "cnnlab.classes": data.classes,
+            "cnnlab.light_on_dark": cfg.data.dataset in IDX_SETS,
+        }
+        run.log_model(model, example, requirements(), about)  # tags cnnlab.model_uri
+        if cfg.tracking.register_as and not in_sweep():  # a sweep registers its best run's
+            run.register_model(cfg.tracking.register_as, cfg.tracking.register_alias)
 
 
 def build_model(
@@ -245,7 +279,8 @@ def open_run(
             progress = Progress()  # RNG state now: right after the model's initialisation
         else:
             run, progress = NullTracker(), Progress()
-        with closing_run(run):
+        interval = cfg.tracking.system_metrics_interval if cfg.tracking.system_metrics else None
+        with closing_run(run), system_metrics(run, interval, resumed=bool(cfg.train.resume)):
             if not cfg.train.resume:
                 log_config(run, cfg)
             yield run, progress
