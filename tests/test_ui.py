@@ -33,14 +33,8 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 TIMEOUT_MS = 30_000  # one page or element; a first load of the app on a busy 2-core machine
 RUN_NAME = "convnet-tiny"
-SWEEP = ("optimizer.lr=1e-3,3e-3", ["optimizer.lr=0.001", "optimizer.lr=0.003"])  # children's names
-CONFUSION_MATRIX = "figures/confusion_matrix.png"
-
-# Issue 13's product features, logged by cnnlab-train once they land from main (the contract:
-# datasets `mnist-train`/`mnist-test` as run inputs, figures/confusion_matrix.png, the experiment
-# tagged mlflow.experimentKind=custom_model_development). Until then the fixture stands in for
-# the datasets and the figure (`_stand_in`), so that every UI assertion below already runs.
-CNNLAB_LOGS_UI_FEATURES = False
+SWEEP = ("optimizer.lr=3e-4,3e-3", ["optimizer.lr=0.0003", "optimizer.lr=0.003"])  # -m, children
+FIGURES = ["confusion_matrix.png", "per_class_accuracy.png", "misclassified.png"]  # figures/
 
 
 class Ui:
@@ -66,13 +60,12 @@ def ui(tiny_data, tmp_path_factory) -> Iterator[Ui]:
     folder = tmp_path_factory.mktemp("ui")
     common = [*data_overrides(*tiny_data), "train.epochs=1", "train.log_every=20", "hardware=cpu"]
     for args in (
-        [*common, f"tracking.run_name={RUN_NAME}"],
+        [*common, "optimizer.lr=1e-3", f"tracking.run_name={RUN_NAME}"],  # learns tiny data
         ["-m", *common, SWEEP[0]],
     ):
         done = cnnlab("train", *args, cwd=folder)
         assert done.returncode == 0, done.stderr[-3000:]
     store = Store(f"sqlite:///{folder / 'mlflow.db'}")
-    _stand_in(store, folder)
 
     server = MlflowServer(folder, cli_env(MLFLOW_DISABLE_TELEMETRY="true"), store.uri)
     try:
@@ -84,29 +77,6 @@ def ui(tiny_data, tmp_path_factory) -> Iterator[Ui]:
     shots.mkdir(parents=True, exist_ok=True)
     yield Ui(server, store, shots)
     server.kill()
-
-
-def _stand_in(store: Store, folder: Path) -> None:
-    """Log by hand what cnnlab-train does not log yet (issue 13), as the main branch's contract
-    says it will: the runs' dataset inputs and a confusion-matrix PNG. Goes away once
-    CNNLAB_LOGS_UI_FEATURES is on."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    if CNNLAB_LOGS_UI_FEATURES:
-        return
-
-    client = store.client
-    image = folder / "confusion_matrix.png"
-    Image.new("RGB", (320, 240), "navy").save(image)
-    for run in store.runs():
-        source = '{"uri": "file:///data/MNIST/raw"}'
-        inputs = [
-            DatasetInput(Dataset(name, "0123456789", "local", source),
-                         [InputTag("mlflow.data.context", context)])
-            for name, context in (("mnist-train", "training"), ("mnist-test", "evaluation"))
-        ]  # fmt: skip
-        client.log_inputs(run.info.run_id, datasets=inputs)
-        client.log_artifact(run.info.run_id, str(image), "figures")
 
 
 @pytest.fixture(scope="module")
@@ -142,36 +112,48 @@ def page(ui: Ui, tmp_path_factory):
 
 
 def run_row(page, name: str):
-    """The runs table's row(s) of run `name`. The table (ag-grid) draws a row twice, the pinned
+    """The runs table's row of run `name`. The table (ag-grid) draws a row twice, the pinned
     name column and the rest, sharing one aria-rowindex: the locator matches both."""
     named = page.get_by_role("row").filter(has=page.get_by_role("link", name=name, exact=True))
     index = named.first.get_attribute("aria-rowindex")
     return page.locator(f'[role="row"][aria-rowindex="{index}"]')
 
 
-def assert_datasets_shown(row) -> None:
-    """The Dataset column names the run's training set, "mnist-train (<digest>)" with its
-    context (the test set follows, or hides behind "+1" when the cell is narrow)."""
+def open_runs(page, ui: Ui) -> None:
+    """As a new user: Home, the sidebar's "Model training" switch, then the experiment.
+
+    MLflow 3.17 opens every experiment in the view of that switch (default GenAI: the traces
+    overview), whatever its `mlflow.experimentKind` tag; the browser remembers the choice.
+    """
     from playwright.sync_api import expect
 
-    expect(row.get_by_role("button", name=re.compile(r"^mnist-train \(\w+\)$"))).to_be_visible()
-    expect(row.get_by_role("status").filter(has_text="training").first).to_be_visible()
-
-
-def test_the_experiment_opens_on_its_training_runs(ui: Ui, page):
-    from playwright.sync_api import expect
-
-    # As a new user: Home, the sidebar's "Model training" switch, then the experiment.
     page.goto(f"{ui.server.url}/")
     page.get_by_text("Model training", exact=True).click()
     page.get_by_role("link", name="cnnlab", exact=True).click()
     expect(page).to_have_url(re.compile(r"#/experiments/\d+/runs"))
+
+
+def open_run(page, ui: Ui, name: str = RUN_NAME) -> None:
+    """The run page of run `name`, from the runs list."""
+    from playwright.sync_api import expect
+
+    open_runs(page, ui)
+    page.get_by_role("link", name=name, exact=True).click()
+    expect(page.get_by_role("heading", name=name)).to_be_visible()
+
+
+def test_the_experiment_opens_on_its_training_runs_with_their_datasets(ui: Ui, page):
+    from playwright.sync_api import expect
+
+    open_runs(page, ui)
     expect(page.get_by_role("heading", name="Runs")).to_be_visible()
-    expect(page.get_by_role("link", name=RUN_NAME, exact=True)).to_be_visible()
-    assert_datasets_shown(run_row(page, RUN_NAME))
-    if CNNLAB_LOGS_UI_FEATURES:  # MLflow 3.17's UI picks the view by the switch, not the tag
-        tags = ui.store.client.get_experiment(ui.experiment_id).tags
-        assert tags["mlflow.experimentKind"] == "custom_model_development"
+    row = run_row(page, RUN_NAME)
+    expect(row.get_by_role("link", name=RUN_NAME, exact=True)).to_be_visible()
+    # Dataset column: "mnist-train (<digest>)" with its context; the test set follows (or
+    # hides behind "+1" when the cell is narrow).
+    expect(row.get_by_role("button", name=re.compile(r"^mnist-train \(\w+\)$"))).to_be_visible()
+    expect(row.get_by_role("status").filter(has_text="training").first).to_be_visible()
+    expect(row.get_by_text("cnnlab-train", exact=True)).to_be_visible()  # Source column
 
 
 def test_the_link_a_user_is_given_opens_the_runs_list(ui: Ui, page):
@@ -185,10 +167,9 @@ def test_the_link_a_user_is_given_opens_the_runs_list(ui: Ui, page):
 def test_the_sweep_parent_expands_to_its_children(ui: Ui, page):
     from playwright.sync_api import expect
 
-    page.goto(ui.runs_url())
+    open_runs(page, ui)
     parent_name = f"sweep {SWEEP[0]}"
-    parent = page.get_by_role("link", name=parent_name, exact=True)
-    expect(parent).to_be_visible()
+    expect(page.get_by_role("link", name=parent_name, exact=True)).to_be_visible()
     children = [page.get_by_role("link", name=name, exact=True) for name in SWEEP[1]]
     for child in children:
         expect(child).to_have_count(0)  # folded under the parent
@@ -200,35 +181,42 @@ def test_the_sweep_parent_expands_to_its_children(ui: Ui, page):
     ui.shot(page, "runs")
 
 
-def test_the_run_page_charts_train_loss(ui: Ui, page):
+def test_the_run_page_shows_description_datasets_and_charts(ui: Ui, page):
     from playwright.sync_api import expect
 
-    page.goto(ui.runs_url())
-    page.get_by_role("link", name=RUN_NAME, exact=True).click()
-    expect(page.get_by_role("heading", name=RUN_NAME)).to_be_visible()
-    expect(page.get_by_text("About this run", exact=True)).to_be_visible()
+    open_run(page, ui)
+    # Overview: the description cnnlab writes, the datasets section.
+    expect(page.get_by_text("Description", exact=True)).to_be_visible()
+    expect(page.get_by_text(re.compile(r"^Test accuracy: \d+\.\d\d%$"))).to_be_visible()
+    expect(page.get_by_text(re.compile(r"^mnist-train \(\w+\)$"))).to_be_visible()
+    # "Child runs" holds a placeholder until the app has found that the run has none.
+    expect(page.get_by_text("Child runs", exact=True)).to_have_count(0)
     ui.shot(page, "run_overview")
-    page.get_by_role("tab", name="Model metrics").click()
     # One chart card per metric, titled by its name (the legend reads "<run> (train_loss)").
+    page.get_by_role("tab", name="Model metrics").click()
     for metric in ("train_loss", "test_accuracy"):
         expect(page.get_by_text(metric, exact=True)).to_be_visible()
     ui.shot(page, "run_metrics")
+    page.get_by_role("tab", name="System metrics").click()  # titles drop the "system/" prefix
+    expect(page.get_by_text("cpu_utilization_percentage", exact=True)).to_be_visible()
 
 
 def test_the_artifacts_view_previews_the_confusion_matrix(ui: Ui, page, tmp_path):
     from playwright.sync_api import expect
 
-    page.goto(ui.runs_url())
-    page.get_by_role("link", name=RUN_NAME, exact=True).click()
+    open_run(page, ui)
     page.get_by_role("tab", name="Artifacts").click()
-    folder, name = CONFUSION_MATRIX.split("/")
-    page.get_by_text(folder, exact=True).click()
-    page.get_by_text(name, exact=True).click()
-    expect(page.get_by_text(CONFUSION_MATRIX, exact=True)).to_be_visible()
+    page.get_by_text("figures", exact=True).click()
+    for name in FIGURES:
+        expect(page.get_by_text(name, exact=True)).to_be_visible()
+    page.get_by_text(FIGURES[0], exact=True).click()
+    expect(page.get_by_text(f"figures/{FIGURES[0]}", exact=True)).to_be_visible()
     # The preview is an <img> of the file the browser fetched and decoded: its pixel size is
     # the PNG's in the store.
     run = ui.store.runs(where=f"attributes.run_name = '{RUN_NAME}'")[0]
-    local = ui.store.client.download_artifacts(run.info.run_id, CONFUSION_MATRIX, str(tmp_path))
+    local = ui.store.client.download_artifacts(
+        run.info.run_id, f"figures/{FIGURES[0]}", str(tmp_path)
+    )
     with Image.open(local) as png:
         size = list(png.size)
     preview = page.locator("img[src^='blob:']").first
