@@ -53,10 +53,21 @@ class Ui:
         page.screenshot(path=self.shots / f"{name}.png")
 
 
+def require_browser() -> None:
+    """Skip (fail under CI) where Debian's Chromium or Playwright is missing."""
+    if not CHROMIUM.exists():
+        unavailable("Chromium", f"{CHROMIUM} is missing (apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError as exc:
+        unavailable("Chromium", f"Playwright is not installed ({exc}; pip install -e '.[test]')")
+
+
 @pytest.fixture(scope="module")
 def ui(tiny_data, tmp_path_factory) -> Iterator[Ui]:
     """Train one run and a sweep as a user does (default store in the launch folder), then
     serve that store with `mlflow server` on loopback."""
+    require_browser()  # before half a minute of training
     folder = tmp_path_factory.mktemp("ui")
     common = [*data_overrides(*tiny_data), "train.epochs=1", "train.log_every=20", "hardware=cpu"]
     for args in (
@@ -82,12 +93,8 @@ def ui(tiny_data, tmp_path_factory) -> Iterator[Ui]:
 @pytest.fixture(scope="module")
 def page(ui: Ui, tmp_path_factory):
     """One tab of headless Chromium, with an empty profile, for all the module's tests."""
-    if not CHROMIUM.exists():
-        unavailable("Chromium", f"{CHROMIUM} is missing (apt-get install chromium)")
-    try:
-        from playwright.sync_api import Error, expect, sync_playwright
-    except ImportError as exc:
-        unavailable("Chromium", f"Playwright is not installed ({exc}; pip install -e '.[test]')")
+    from playwright.sync_api import Error, expect, sync_playwright
+
     playwright = sync_playwright().start()
     try:
         context = playwright.chromium.launch_persistent_context(
