@@ -264,15 +264,18 @@ def train_in_process(folder: Path, tiny_data, *overrides: str) -> tuple[Store, s
 
 
 class Running:
-    """cnnlab-train started in the background; `wait_for` reads its stdout up to a line.
+    """A cnnlab command (cnnlab-train unless `command` says) started in the background;
+    `wait_for` reads its stdout up to a line.
 
     `wait_for` reads the pipe itself (select, then os.read), so that it can give up at a
     deadline, and decodes as the pipe's text stream would (universal newlines).
     """
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], cwd: Path, env: dict[str, str] | None = None, command: str = "train"
+    ) -> None:
         self.proc = subprocess.Popen(
-            [BIN / "cnnlab-train", *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
+            [BIN / f"cnnlab-{command}", *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, env=env or cli_env(),
         )  # fmt: skip
         self.lines: list[str] = []

@@ -5,6 +5,9 @@ the same in a real browser)."""
 from __future__ import annotations
 
 import json
+import signal
+import socket
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from PIL import Image
 
 from cnnlab import figures, schema
 from cnnlab.tracking import create_run
-from helpers import Store, cnnlab, train_in_process
+from helpers import Running, Store, cnnlab, free_port, one_error_line, train_in_process
 
 KIND = "mlflow.experimentKind"
 
@@ -160,3 +163,41 @@ def test_bad_ui_settings_are_one_line_config_errors(compose_cfg, override, messa
 def test_registering_needs_a_logged_model(compose_cfg):
     with pytest.raises(schema.ConfigError, match="set tracking.log_model=true"):
         schema.validate(compose_cfg(["tracking.register_as=x", "tracking.log_model=false"]))
+
+
+@pytest.mark.server
+def test_cnnlab_ui_serves_the_store_and_links_its_training_view(tmp_path, tiny_data):
+    store, run_id = train_in_process(tmp_path, tiny_data)
+    port = free_port()
+    ui = Running(["--port", port, f"tracking.uri={store.uri}"], cwd=tmp_path, command="ui")
+    try:
+        line = ui.wait_for("Experiment cnnlab", timeout=180)
+        url = f"http://127.0.0.1:{port}"
+        assert line.strip() == (
+            f"Experiment cnnlab (1 run): {url}/#/experiments/1/runs?workflowType=machine_learning"
+        )
+        ui.wait_for("Serving")
+        # What the UI's pages fetch: the run, and its figures from the folder beside the store.
+        with urllib.request.urlopen(f"{url}/api/2.0/mlflow/runs/get?run_id={run_id}") as reply:
+            assert json.load(reply)["run"]["info"]["status"] == "FINISHED"
+        figure = f"{url}/get-artifact?path=figures/confusion_matrix.png&run_uuid={run_id}"
+        with urllib.request.urlopen(figure) as reply:
+            assert reply.read(8) == b"\x89PNG\r\n\x1a\n"
+    finally:
+        ui.proc.send_signal(signal.SIGINT)
+        status, _ = ui.finish(timeout=60)
+    assert status == 130
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass  # the server went with it
+
+
+def test_cnnlab_ui_says_what_is_wrong_in_one_line(tmp_path, tiny_data):
+    missing = cnnlab("ui", f"tracking.uri=sqlite:///{tmp_path / 'none.db'}", cwd=tmp_path)
+    assert "no MLflow store at" in one_error_line(missing)
+    store, _ = train_in_process(tmp_path, tiny_data, "tracking.log_model=false")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = cnnlab("ui", "--port", taken.getsockname()[1], f"tracking.uri={store.uri}",
+                      cwd=tmp_path, timeout=180)  # fmt: skip
+    assert "pick another --port" in one_error_line(busy)

@@ -66,12 +66,12 @@ class TrackingError(CnnlabError):
 _SQLITE = "sqlite:///"
 
 
-def _sqlite_file(uri: str) -> Path | None:
+def sqlite_file(uri: str) -> Path | None:
     """The database file of a SQLite store's URI; None for any other store."""
     return Path(uri[len(_SQLITE) :]) if uri.startswith(_SQLITE) else None
 
 
-def _artifacts_beside(db: Path) -> Path:
+def artifacts_beside(db: Path) -> Path:
     """Where a SQLite store keeps its runs' artifacts: beside the file, one movable folder."""
     return db.parent / "mlartifacts"
 
@@ -425,10 +425,10 @@ def check_store(uri: str) -> None:
     database, or a file where the store's `mlartifacts` folder belongs is refused and left as it
     is, before MLflow writes anything.
     """
-    db = _sqlite_file(uri)
+    db = sqlite_file(uri)
     if db is None:
         return
-    artifacts = _artifacts_beside(db)
+    artifacts = artifacts_beside(db)
     if artifacts.exists() and not artifacts.is_dir():
         raise TrackingError(
             f"{artifacts} is a file, but the store {db} keeps its runs' artifacts in a folder "
@@ -821,6 +821,27 @@ def sweep_children(uri: str, experiment: str) -> list[dict[str, Any]]:
     return run_children(client, client.get_run(parents[0]).info.experiment_id, parents[0])
 
 
+def training_view(url: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The UI's link to an experiment's training runs (or to one run) on the server at `url`.
+
+    MLflow 3's UI opens an experiment on its GenAI view, whatever the experiment's kind tag,
+    unless the link asks for the model-training one (or the browser chose it before)."""
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{url.rstrip('/')}/#/experiments/{experiment_id}/{page}?workflowType=machine_learning"
+
+
+def training_views(uri: str, url: str) -> list[tuple[str, int, str]]:
+    """(name, number of runs, training_view link) of each experiment of the store at `uri`,
+    served at `url`; the default experiment only where it has runs."""
+    client = MlflowClient(tracking_uri=uri)
+    views = []
+    for experiment in client.search_experiments():
+        runs = len(client.search_runs([experiment.experiment_id], max_results=1000))
+        if runs or experiment.name != "Default":
+            views.append((experiment.name, runs, training_view(url, experiment.experiment_id)))
+    return views
+
+
 def find_runs(uri: str, experiment: str, tag: str, value: str) -> list[str]:
     """Ids of the runs in `experiment` whose `tag` is `value`, newest first."""
     client = MlflowClient(tracking_uri=uri)
@@ -898,6 +919,8 @@ def create_run(
     except mlflow.exceptions.MlflowException as exc:
         raise TrackingError(f"cannot open a run in {uri}: {exc.message.splitlines()[0]}") from exc
     print(f"MLflow run {run.info.run_name} ({run.info.run_id}) in {uri}")
+    if uri.startswith(("http://", "https://")):
+        print(f"  {training_view(uri, experiment_id, run.info.run_id)}")
     return Tracker(client, uri, run.info.run_id, experiment_id, spool, flush_timeout)
 
 
@@ -1068,7 +1091,7 @@ def _seed_sqlite_store(uri: str) -> None:
     once per MLflow version in ~/.cache/cnnlab and copied from then on. Either is written to a
     temporary file and renamed, so a full disk leaves no half-written store to fail every later run.
     """
-    target = _sqlite_file(uri)
+    target = sqlite_file(uri)
     if target is None:
         return
     if target.exists():
@@ -1129,8 +1152,8 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
         if EXPERIMENT_KIND[0] not in experiment.tags:  # made before cnnlab set it; a user's stays
             client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
         return experiment.experiment_id
-    db = _sqlite_file(uri)
-    artifact_location = _artifacts_beside(db).as_uri() if db is not None else None
+    db = sqlite_file(uri)
+    artifact_location = artifacts_beside(db).as_uri() if db is not None else None
     return client.create_experiment(
         name, artifact_location=artifact_location, tags=dict([EXPERIMENT_KIND])
     )
