@@ -1,8 +1,8 @@
 """The MLflow UI as a person browses it (issue 13): `cnnlab-train` writes one run and a two-job
-sweep into the default store of a launch folder, a real `mlflow server` on loopback serves it,
-and Debian's Chromium, headless and driven by Playwright, opens it. The assertions are on what
-the page shows; every wait is on an element, never a sleep (the app polls, so the network is
-never idle).
+sweep into the default store of a launch folder, `cnnlab-ui` serves it (a real `mlflow server`
+on loopback), and Debian's Chromium, headless and driven by Playwright, opens it. The
+assertions are on what the page shows; every wait is on an element, never a sleep (the app
+polls, so the network is never idle).
 
 Screenshots go to $CNNLAB_SCREENSHOTS when set (the README's come from
 `CNNLAB_SCREENSHOTS=tests/screenshots`), else into the test's temp folder.
@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import subprocess
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from helpers import MlflowServer, Store, cli_env, cnnlab, data_overrides, unavailable
+from helpers import Running, Store, cli_env, cnnlab, data_overrides, free_port, unavailable
+from procs import stop_group
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.xdist_group("ui")]
 
@@ -38,15 +42,11 @@ FIGURES = ["confusion_matrix.png", "per_class_accuracy.png", "misclassified.png"
 
 
 class Ui:
-    """What the tests browse: the server's URL, the store it serves, where screenshots go."""
+    """What the tests browse: the UI's URL, the link cnnlab-ui printed, the store it serves,
+    where screenshots go."""
 
-    def __init__(self, server: MlflowServer, store: Store, shots: Path) -> None:
-        self.server, self.store, self.shots = server, store, shots
-        self.experiment_id = store.client.get_experiment_by_name("cnnlab").experiment_id
-
-    def runs_url(self) -> str:
-        """The experiment's runs list in the model-training view (the link a user is given)."""
-        return f"{self.server.url}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
+    def __init__(self, url: str, link: str, store: Store, shots: Path) -> None:
+        self.url, self.link, self.store, self.shots = url, link, store, shots
 
     def shot(self, page, name: str) -> None:
         """Save a screenshot of the whole window as `name`.png."""
@@ -66,7 +66,7 @@ def require_browser() -> None:
 @pytest.fixture(scope="module")
 def ui(tiny_data, tmp_path_factory) -> Iterator[Ui]:
     """Train one run and a sweep as a user does (default store in the launch folder), then
-    serve that store with `mlflow server` on loopback."""
+    serve that store on loopback with `cnnlab-ui` (the README's command)."""
     require_browser()  # before half a minute of training
     folder = tmp_path_factory.mktemp("ui")
     common = [*data_overrides(*tiny_data), "train.epochs=1", "train.log_every=20", "hardware=cpu"]
@@ -78,16 +78,36 @@ def ui(tiny_data, tmp_path_factory) -> Iterator[Ui]:
         assert done.returncode == 0, done.stderr[-3000:]
     store = Store(f"sqlite:///{folder / 'mlflow.db'}")
 
-    server = MlflowServer(folder, cli_env(MLFLOW_DISABLE_TELEMETRY="true"), store.uri)
+    port = free_port()
+    env = cli_env(MLFLOW_DISABLE_TELEMETRY="true")
+    serving = Running(["--port", port], cwd=folder, env=env, command="ui")
     try:
-        server.start()
-    except RuntimeError as exc:
-        server.kill()
-        unavailable("mlflow server", str(exc))
-    shots = Path(os.environ.get("CNNLAB_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
-    shots.mkdir(parents=True, exist_ok=True)
-    yield Ui(server, store, shots)
-    server.kill()
+        line = serving.wait_for("Experiment cnnlab", timeout=180)
+        serving.wait_for("Serving", timeout=60)
+        runs, link = re.fullmatch(r"Experiment cnnlab \((\d+) runs\): (\S+)\n", line).groups()
+        assert runs == "4", line  # the run, the sweep's parent and its two jobs
+        shots = Path(os.environ.get("CNNLAB_SCREENSHOTS") or tmp_path_factory.mktemp("shots"))
+        shots.mkdir(parents=True, exist_ok=True)
+        yield Ui(f"http://127.0.0.1:{port}", link, store, shots)
+    finally:
+        stop_ui(serving, (folder / "mlflow.db").resolve())
+
+
+def stop_ui(serving: Running, db: Path) -> None:
+    """Ctrl-C to cnnlab-ui, which stops its `mlflow server`; a server it left (cnnlab-ui was
+    killed, or broke) is found by its store's path and stopped by PID."""
+    if serving.proc.poll() is None:
+        serving.proc.send_signal(signal.SIGINT)
+    try:
+        serving.finish(timeout=60)
+    except subprocess.TimeoutExpired:
+        serving.proc.kill()
+        serving.proc.wait()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with suppress(OSError):
+            args = cmdline.read_bytes().split(b"\0")
+            if b"server" in args and f"sqlite:///{db}".encode() in args:
+                stop_group(int(cmdline.parent.name))
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +154,7 @@ def open_runs(page, ui: Ui) -> None:
     """
     from playwright.sync_api import expect
 
-    page.goto(f"{ui.server.url}/")
+    page.goto(f"{ui.url}/")
     page.get_by_text("Model training", exact=True).click()
     page.get_by_role("link", name="cnnlab", exact=True).click()
     expect(page).to_have_url(re.compile(r"#/experiments/\d+/runs"))
@@ -163,10 +183,11 @@ def test_the_experiment_opens_on_its_training_runs_with_their_datasets(ui: Ui, p
     expect(row.get_by_text("cnnlab-train", exact=True)).to_be_visible()  # Source column
 
 
-def test_the_link_a_user_is_given_opens_the_runs_list(ui: Ui, page):
+def test_the_link_cnnlab_ui_prints_opens_the_runs_list(ui: Ui, page):
     from playwright.sync_api import expect
 
-    page.goto(ui.runs_url())
+    assert ui.link.endswith("?workflowType=machine_learning"), ui.link
+    page.goto(ui.link)
     expect(page).to_have_url(re.compile(r"#/experiments/\d+/runs"))
     expect(page.get_by_role("link", name=RUN_NAME, exact=True)).to_be_visible()
 
