@@ -28,7 +28,7 @@ def test_a_run_shows_its_datasets_source_description_figures_and_system_metrics(
     store, run_id = train_in_process(tmp_path, tiny_data, "tracking.system_metrics_interval=0.1")
     client = store.client
     run = client.get_run(run_id)
-    # The UI opens the experiment on its training runs, not on the GenAI traces overview.
+    # A model-training experiment, not a GenAI one (the UI's own view: tests/test_ui.py).
     assert client.get_experiment(run.info.experiment_id).tags[KIND] == "custom_model_development"
 
     inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}

@@ -1141,8 +1141,9 @@ def _seed_sqlite_store(uri: str) -> None:
             staging.unlink(missing_ok=True)  # gone from here already once linked
 
 
-# The MLflow UI opens an experiment of this kind on its training runs (charts, params, models)
-# rather than on the GenAI traces overview it shows an experiment of no kind.
+# What the experiment is for: model training, not GenAI. MLflow's experiment-type selector
+# reads it; 3.17's UI still opens every experiment on the view of its sidebar switch (GenAI by
+# default), so cnnlab's links ask for the training view themselves (training_view).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
