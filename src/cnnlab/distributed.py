@@ -17,6 +17,7 @@ config and checkpoint of a resumed run from it.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -130,9 +131,11 @@ def _guarded(what: str, call: Any, *args: Any) -> Any:
         return call(*args)
     except (RuntimeError, dist.DistBackendError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RankFailure(
-            f"{what} failed: another rank of the torchrun job stopped ({reason})"
-        ) from exc
+        failure = RankFailure(f"{what} failed: another rank of the torchrun job stopped ({reason})")
+        # Said now: torchrun stops this rank with SIGTERM moments later, and the run is closed
+        # (FAILED, with this reason) while that signal waits.
+        print(f"cnnlab-train: error: {failure}", file=sys.stderr, flush=True)
+        raise failure from exc
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> None:

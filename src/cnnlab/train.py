@@ -410,8 +410,18 @@ def hydra_main(cfg: DictConfig) -> float:
         raise
 
 
+# What a torchrun rank other than 0 adds to its command line: Hydra resolves ${now:...} per
+# process, so each rank would make an output folder of its own; rank 0's is the run's.
+_QUIET_RANK = [
+    "hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled",
+    "hydra/hydra_logging=disabled",
+]  # fmt: skip
+
+
 def main() -> None:
     """Console entry point of cnnlab-train."""
+    if not world_from_env().main:
+        sys.argv += _QUIET_RANK
     run_cli("cnnlab-train", hydra_main)
 
 
