@@ -61,7 +61,7 @@ SINGLE = World()  # a process on its own
 def world_from_env() -> World:
     """The torchrun job this process is a rank of (WORLD_SIZE, RANK, LOCAL_RANK), if any."""
     size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if size <= 1:
+    if size <= 1 or "RANK" not in os.environ:  # (a WORLD_SIZE some scheduler left behind)
         return SINGLE
     return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
 
