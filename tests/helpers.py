@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -272,11 +273,17 @@ class Running:
     """
 
     def __init__(
-        self, args: list[str], cwd: Path, env: dict[str, str] | None = None, command: str = "train"
+        self,
+        args: list[str],
+        cwd: Path,
+        env: dict[str, str] | None = None,
+        command: str = "train",
+        launcher: Sequence[str | Path] = (),
     ) -> None:
+        # launcher: what runs the command, e.g. torchrun and its options (`--no-python`).
         self.proc = subprocess.Popen(
-            [BIN / f"cnnlab-{command}", *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env=env or cli_env(),
+            [*launcher, BIN / f"cnnlab-{command}", *map(str, args)], cwd=cwd,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or cli_env(),
         )  # fmt: skip
         self.lines: list[str] = []
         self.times: dict[str, float] = {}

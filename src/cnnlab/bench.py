@@ -678,6 +678,76 @@ def parallel_probe() -> None:
     print(batches * cfg.train.batch_size / seconds)
 
 
+def section_ddp(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
+    """Training samples/s of one process against two under torchrun (one torch thread each;
+    on a GPU machine, one GPU against all), at a small and a large global batch."""
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    wide = max(2, gpus)
+    code = "from cnnlab.bench import ddp_probe; ddp_probe()"
+
+    def torchrun(nproc: int, batch_size: int) -> Callable[[], float]:
+        batches = max(20, 30_000 // batch_size)  # ~30k samples: seconds, half an epoch
+
+        def measure() -> float:
+            done = subprocess.run(
+                [Path(sys.executable).with_name("torchrun"), "--standalone",
+                 f"--nproc_per_node={nproc}", "--no-python", sys.executable, "-c", code,
+                 str(launch_path(cfg.data.root)), str(device.type), str(batch_size),
+                 str(batches)],
+                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )  # fmt: skip
+            if done.returncode:
+                raise CnnlabError(f"torchrun failed: {done.stderr.strip()[-500:]}")
+            return float(done.stdout.strip().splitlines()[-1])
+
+        return measure
+
+    lines = [
+        f"Data-parallel training under torchrun ({'1 GPU each' if gpus else '1 thread each'}, "
+        "global batch split over the processes), samples/s:",
+    ]
+    for batch_size in (10, 256):
+        rates = alternate(cfg.bench.rounds, {
+            "one": torchrun(1, batch_size), "all": torchrun(wide, batch_size),
+        })  # fmt: skip
+        lines.append(
+            f"  batch {batch_size:>3}: 1 process {rates.median('one'):8.0f}   {wide} processes "
+            f"{rates.median('all'):8.0f}   {rates.ratio('all', 'one'):.2f}x"
+        )
+    return lines
+
+
+def ddp_probe() -> None:
+    """Run by section_ddp in each torchrun process: rank 0 prints the job's samples/s."""
+    from cnnlab import distributed
+
+    data_root, device_type, batch_size, batches = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:5])
+    world = distributed.world_from_env()
+    distributed.start(world)
+    with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = hydra.compose("config", overrides=[
+            f"data.root={data_root}", f"hardware.device={device_type}", "hardware.threads=1",
+            f"train.batch_size={batch_size}",
+        ])  # fmt: skip
+    device = distributed.rank_device(torch.device(device_type), world)
+    with distributed.local_main_first(world):
+        data = load_dataset(**data_arguments(cfg.data, launch_path(cfg.data.root)))
+    train_split = on_device(data.train, device)
+    batches = min(batches, -(-len(train_split) // batch_size))  # at most one epoch
+    model, optimizer = build_model(cfg, data, device)
+    step = training_step(cfg, model, optimizer, train_split, world)
+    distributed.barrier()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in train_one_epoch(step, batches, batches=batches):
+        pass  # the one log point is the last batch: its loss summed over the ranks syncs them
+    _sync(device)
+    seconds = time.perf_counter() - start
+    if world.main:
+        print(batches * batch_size / seconds)
+    distributed.stop()
+
+
 def section_sweep(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
     """A 4-job sweep (1 epoch each, tracked) on each launcher: wall time, split into what the
     engine costs once and what it costs per job beyond the job's own run.
@@ -791,6 +861,7 @@ SECTIONS = {
     "datasets": section_datasets,
     "sweep": section_sweep,
     "ui": section_ui,
+    "ddp": section_ddp,
 }
 
 

@@ -83,11 +83,11 @@ def train_one_epoch(
     for i, start in enumerate(batches, start=start_batch):
         step(order[start : start + batch_size])
         if (i + 1) % log_every == 0:
-            yield i + 1, _finite(loss_sum.item() / log_every, i + 1)
+            yield i + 1, _finite(step.loss_total() / log_every, i + 1)
             loss_sum.zero_()
         if stop() and i + 1 < len(starts):
-            raise TrainingInterrupted(i + 1, loss_sum.item(), epoch_rng)
-    _finite(loss_sum.item(), len(starts))  # a NaN after the last logged window still fails
+            raise TrainingInterrupted(i + 1, step.loss_total(), epoch_rng)
+    _finite(step.loss_total(), len(starts))  # a NaN after the last logged window still fails
 
 
 def _finite(loss: float, batch: int) -> float:

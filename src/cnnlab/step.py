@@ -19,8 +19,9 @@ import torch.nn.functional as F
 import torch.optim.optimizer as torch_optimizer
 from torch import Tensor, nn
 
-from cnnlab import CnnlabError
+from cnnlab import CnnlabError, distributed
 from cnnlab.data import Split
+from cnnlab.distributed import World
 from cnnlab.preprocess import Augment, to_float
 
 
@@ -63,10 +64,12 @@ class TrainStep:
         batch_size: int,
         cuda_graph: bool = False,
         augment: Augment | None = None,
+        world: World = distributed.SINGLE,
     ) -> None:
         self.model, self.optimizer, self.data = model, optimizer, data
         self.batch_size = batch_size
         self.augment = augment
+        self.world = world
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=data.labels.device)
         if cuda_graph:
             check_cuda_graphs(self.loss_sum.device)
@@ -89,8 +92,19 @@ class TrainStep:
             return
         self.eager(idx)
 
+    def loss_total(self) -> float:
+        """`loss_sum` as a number: over every rank's share of the batches under torchrun."""
+        if not self.world.distributed:
+            return self.loss_sum.item()
+        total = self.loss_sum.clone()
+        distributed.all_reduce_sum(total)
+        return total.item()
+
     def eager(self, idx: Tensor) -> None:
         """The step as the article writes it, launched op by op."""
+        if self.world.distributed:
+            self._shared(idx)
+            return
         self._zero_grad()
         # index_select, not images[idx]: the same rows, without advanced indexing's overhead.
         images = self.data.images.index_select(0, idx)
@@ -99,6 +113,28 @@ class TrainStep:
         labels = self.data.labels.index_select(0, idx)
         loss = F.cross_entropy(self.model(to_float(images)), labels)
         loss.backward()
+        self._optimizer_step()
+        self.loss_sum.add_(loss.detach())
+
+    def _shared(self, idx: Tensor) -> None:
+        """This rank's slice of the global batch `idx`; the gradients summed over the ranks.
+
+        Each rank's loss is its samples' summed loss over the global batch's size, so the
+        summed gradients are those of the global batch's mean loss: the step a single process
+        takes on all of `idx`, up to float rounding.
+        """
+        self._zero_grad()
+        mine = idx.tensor_split(self.world.size)[self.world.rank]
+        images = self.data.images.index_select(0, mine)
+        if self.augment is not None:
+            images = self.augment.apply(images, mine)
+        labels = self.data.labels.index_select(0, mine)
+        logits = self.model(to_float(images))
+        loss = F.cross_entropy(logits, labels, reduction="sum") / idx.numel()
+        loss.backward()
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:  # one flat buffer (flat_parameters): one all-reduce
+                distributed.all_reduce_sum(p.grad)
         self._optimizer_step()
         self.loss_sum.add_(loss.detach())
 

@@ -7,7 +7,10 @@ cnnlab-train -m optimizer.lr=1e-3,1e-4        # a sweep, under multirun/
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -17,12 +20,13 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from cnnlab import CnnlabError, checkpoint, interrupts, schema, sweep
+from cnnlab import CnnlabError, checkpoint, distributed, interrupts, schema, sweep
 from cnnlab.checkpoint import Progress
 from cnnlab.cli import CONF_DIR, launch_path, run_cli, store_uri
 from cnnlab.data import IDX_SETS, Dataset, Split, data_arguments, load_dataset
+from cnnlab.distributed import World, world_from_env
 from cnnlab.figures import prediction_figures
 from cnnlab.hardware import setup_hardware
 from cnnlab.loop import TrainingInterrupted, evaluate, predicted, train_one_epoch
@@ -53,27 +57,49 @@ from cnnlab.tracking import (
 
 
 def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
-    """Train the configured model and log the run; return the final test accuracy."""
+    """Train the configured model and log the run; return the final test accuracy.
+
+    Under torchrun, every rank calls this: rank 0 logs the one run, the others train their
+    share of each batch in step with it (cnnlab.distributed) and return NaN.
+    """
+    world = world_from_env()
+    distributed.start(world)
+    try:
+        with contextlib.ExitStack() as stack:
+            if not world.main:  # the article's output once, from rank 0
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(
+                    open(os.devnull, "w"))))  # fmt: skip
+            return _train(cfg, world, extra_tags)
+    finally:
+        distributed.stop()
+
+
+def _train(cfg: DictConfig, world: World, extra_tags: dict[str, str] | None) -> float:
     # Relative paths are the launch directory's, should hydra.job.chdir=true have moved away.
     if cfg.tracking.uri:  # a password in the URI goes to the environment, never into the logs
         cfg.tracking.uri = move_credentials_to_env(cfg.tracking.uri)
     uri = store_uri(cfg)
     set_request_timeout(cfg.tracking.request_timeout)
-    if cfg.tracking.enabled or cfg.train.resume:
-        check_reachable(uri)  # seconds, not a whole epoch, to learn the server is down
-    if cfg.train.resume:  # the run's own config, not today's conf/
-        cfg = resumed_config(cfg.train.resume, uri, command_line_overrides())
-    elif cfg.tracking.enabled and in_sweep():
-        # A sweep job SLURM runs again (requeued) continues its run, from its last checkpoint;
-        # the job's overrides configured that run, so there are none to check.
-        if run_id := requeued_run(uri, launch_path(cfg.tracking.pending_dir)):
-            cfg = resumed_config(run_id, uri, overrides=[])
+    if world.main:  # the only rank that opens the store
+        if cfg.tracking.enabled or cfg.train.resume:
+            check_reachable(uri)  # seconds, not a whole epoch, to learn the server is down
+        if cfg.train.resume:  # the run's own config, not today's conf/
+            cfg = resumed_config(cfg.train.resume, uri, command_line_overrides())
+        elif cfg.tracking.enabled and in_sweep():
+            # A sweep job SLURM runs again (requeued) continues its run, from its last
+            # checkpoint; the job's overrides configured that run, so there are none to check.
+            if run_id := requeued_run(uri, launch_path(cfg.tracking.pending_dir)):
+                cfg = resumed_config(run_id, uri, overrides=[])
+    if world.distributed and cfg.train.resume:  # the others take the run's config from rank 0
+        cfg = schema.typed_config(distributed.broadcast(OmegaConf.to_container(cfg)), [])
     schema.validate(cfg)
+    distributed.check_job(cfg, world, in_sweep())
     # hardware.threads=0: the CPUs a Ray task or SLURM job was given, else torch's default (in
     # a joblib worker cores // parallel jobs: loky starts workers with OMP_NUM_THREADS so).
-    device = setup_hardware(cfg.hardware)
+    device = distributed.rank_device(setup_hardware(cfg.hardware), world)
 
-    data = load_dataset(**data_arguments(cfg.data, launch_path(cfg.data.root)))
+    with distributed.local_main_first(world):  # one fetch per node, the others read its cache
+        data = load_dataset(**data_arguments(cfg.data, launch_path(cfg.data.root)))
     train_split, test_split = on_device(data.train, device), on_device(data.test, device)
     if cfg.train.overfit_batches:  # a few fixed batches: can the model fit them at all?
         train_split = first(train_split, cfg.train.overfit_batches * cfg.train.batch_size)
@@ -83,14 +109,15 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
     model, optimizer = build_model(cfg, data, device)
 
     spool = launch_path(cfg.tracking.pending_dir)
-    with open_run(cfg, uri, spool, device, data.checksum, extra_tags, model, optimizer) as (
+    with open_run(cfg, uri, spool, device, data.checksum, extra_tags, model, optimizer, world) as (
         run,
         progress,
     ):
+        progress = distributed.same_start(world, model, optimizer, progress)  # rank 0's
         if not cfg.train.resume:
             run.log_dict(data.classes, "data/classes.yaml")  # names by label, e.g. ImageFolder's
             run.log_inputs(dataset_inputs(cfg.data.name, data))  # the UI's Dataset column
-        accuracy = fit(cfg, model, optimizer, train_split, test_split, run, progress)
+        accuracy = fit(cfg, model, optimizer, train_split, test_split, run, progress, world)
         if cfg.train.overfit_batches:
             per_epoch = batches_per_epoch(len(train_split), cfg.train.batch_size,
                                           cfg.train.limit_batches)  # fmt: skip
@@ -142,14 +169,19 @@ def build_model(
 
 
 def training_step(
-    cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_split: Split
+    cfg: DictConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_split: Split,
+    world: World = distributed.SINGLE,
 ) -> TrainStep:
-    """The step `fit` trains with: the batch size, CUDA graph and augmentation of `cfg`."""
+    """The step `fit` trains with: the batch size, CUDA graph and augmentation of `cfg`, this
+    rank's share of each batch under torchrun."""
     pre = cfg.data.preprocess
     augment = Augment(len(train_split), pre.crop_padding, pre.flip, train_split.labels.device)
     return TrainStep(
         model, optimizer, train_split, cfg.train.batch_size, cfg.hardware.cuda_graphs,
-        augment if augment.active else None,
+        augment if augment.active else None, world,
     )  # fmt: skip
 
 
@@ -161,16 +193,19 @@ def fit(
     test_split: Split,
     run: Tracker | NullTracker,
     progress: Progress,
+    world: World = distributed.SINGLE,
 ) -> float:
     """Train the epochs from `progress` on, logging as it goes; checkpoint each epoch and on a
-    stop."""
+    stop. Under torchrun, rank 0 alone evaluates, logs and checkpoints (NaN elsewhere)."""
     # Metrics' step: mini-batches trained so far, as if each epoch had `per_epoch` of them.
     per_epoch = batches_per_epoch(len(train_split), cfg.train.batch_size, cfg.train.limit_batches)
     accuracy = math.nan
-    if progress.epoch >= cfg.train.epochs:  # a resumed run that had trained every epoch already
+    if progress.epoch >= cfg.train.epochs and world.main:  # a resumed run with no epoch left
         accuracy = evaluate(model, test_split, cfg.train.eval_batch_size)[1]
-    show_bar = sys.stderr.isatty()
-    step = training_step(cfg, model, optimizer, train_split)
+    show_bar = sys.stderr.isatty() and world.main
+    step = training_step(cfg, model, optimizer, train_split, world)
+    # The loss of an unfinished log window: each rank's losses are summed at the window's end.
+    running = progress.running if world.main else 0.0
     with interrupts.stop_requests() as stop, tempfile.TemporaryDirectory() as tmp:
         last = Path(tmp) / "last.pt"
         for epoch in range(progress.epoch, cfg.train.epochs):
@@ -179,22 +214,27 @@ def fit(
             torch.set_rng_state(progress.rng)  # an epoch cut short re-draws the same order
             try:
                 for batch, loss in train_one_epoch(
-                    step, cfg.train.log_every, show_bar, progress.batch, progress.running, stop,
-                    batches=per_epoch,
+                    step, cfg.train.log_every, show_bar, progress.batch, running,
+                    distributed.agreed(stop, world), batches=per_epoch,
                 ):  # fmt: skip
                     print(f"Loss after mini-batch {batch:5d}: {loss:.3f}")
                     run.log_metrics({"train_loss": loss}, step=epoch * per_epoch + batch)
             except TrainingInterrupted as stopped:
-                checkpoint.save(last, model, optimizer, Progress(epoch, *stopped.args_for_resume()))
-                run.log_checkpoint(last)
-                raise interrupts.Terminated(stop()) from None  # the run ends KILLED, resumable
+                if world.main:
+                    progress = Progress(epoch, *stopped.args_for_resume())
+                    checkpoint.save(last, model, optimizer, progress)
+                    run.log_checkpoint(last)
+                # The run ends KILLED, resumable; another rank's signal stops this one too.
+                raise interrupts.Terminated(stop() or signal.SIGTERM) from None
+            progress, running = Progress(epoch + 1), 0.0  # from its first batch, RNG as it is
+            if not world.main:
+                continue
             test_loss, accuracy = evaluate(model, test_split, cfg.train.eval_batch_size)
             print(f"Epoch {epoch + 1}: test loss {test_loss:.4f}, test accuracy {accuracy:.2%}")
             run.log_metrics(
                 {"test_loss": test_loss, "test_accuracy": accuracy, "epoch": epoch + 1},
                 step=(epoch + 1) * per_epoch,
             )
-            progress = Progress(epoch + 1)  # next epoch from its first batch, RNG as it is now
             checkpoint.save(last, model, optimizer, progress)
             run.log_checkpoint(last)
     return accuracy
@@ -259,13 +299,17 @@ def open_run(
     extra_tags: dict[str, str] | None,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
+    world: World = distributed.SINGLE,
 ) -> Iterator[tuple[Tracker | NullTracker, Progress]]:
-    """A new run with its params and config logged, or the resumed run at its checkpoint.
+    """A new run with its params and config logged, or the resumed run at its checkpoint (a
+    torchrun rank other than 0: no run).
 
     While it is open, Ctrl-C, SIGTERM and SIGHUP end it KILLED wherever the code is.
     """
     with interrupts.handled():
-        if cfg.train.resume:
+        if not world.main:
+            run, progress = NullTracker(), Progress()
+        elif cfg.train.resume:
             run, progress = resumed_run(cfg, uri, spool, model, optimizer)
         elif cfg.tracking.enabled:
             tags = {**run_tags(cfg, device, data_checksum), **(extra_tags or {})}
@@ -366,8 +410,18 @@ def hydra_main(cfg: DictConfig) -> float:
         raise
 
 
+# What a torchrun rank other than 0 adds to its command line: Hydra resolves ${now:...} per
+# process, so each rank would make an output folder of its own; rank 0's is the run's.
+_QUIET_RANK = [
+    "hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled",
+    "hydra/hydra_logging=disabled",
+]  # fmt: skip
+
+
 def main() -> None:
     """Console entry point of cnnlab-train."""
+    if not world_from_env().main:
+        sys.argv += _QUIET_RANK
     run_cli("cnnlab-train", hydra_main)
 
 
