@@ -119,6 +119,10 @@ def test_unknown_keys_and_wrong_types_fail_at_compose(compose_cfg, override):
         ("train.limit_batches=0", "train.limit_batches"),
         ("train.limit_eval_batches=-1", "train.limit_eval_batches"),
         ("train.overfit_batches=-2", "train.overfit_batches"),
+        ("tracking.register_alias=latest", "tracking.register_alias"),  # MLflow reserves these
+        ("tracking.register_alias=v3", "tracking.register_alias"),
+        ("tracking.register_as=a/b", "tracking.register_as"),
+        ("tracking.system_metrics_interval=0", "tracking.system_metrics_interval"),
     ],
 )
 def test_impossible_values_name_the_key(compose_cfg, override, key):

@@ -146,20 +146,6 @@ def test_a_sweep_registers_only_its_best_run_and_plots_each_swept_key(tmp_path, 
     assert len(children) == 4
 
 
-@pytest.mark.parametrize(
-    "override,message",
-    [
-        ("tracking.register_alias=latest", "tracking.register_alias=latest is invalid"),
-        ("tracking.register_alias=v3", "tracking.register_alias=v3 is invalid"),
-        ("tracking.register_as=a/b", "tracking.register_as=a/b is invalid"),
-        ("tracking.system_metrics_interval=0", "tracking.system_metrics_interval=0 is invalid"),
-    ],
-)
-def test_bad_ui_settings_are_one_line_config_errors(compose_cfg, override, message):
-    with pytest.raises(schema.ConfigError, match=f"^{message}"):
-        schema.validate(compose_cfg([override]))
-
-
 def test_registering_needs_a_logged_model(compose_cfg):
     with pytest.raises(schema.ConfigError, match="set tracking.log_model=true"):
         schema.validate(compose_cfg(["tracking.register_as=x", "tracking.log_model=false"]))

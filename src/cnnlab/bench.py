@@ -254,6 +254,15 @@ def section_step(cfg: DictConfig, data: Dataset, device: torch.device) -> list[s
     return lines
 
 
+def one_epoch_run(cfg: DictConfig, tracking: dict[str, Any]) -> float:
+    """Seconds of a quiet 1-epoch cnnlab-train run of `cfg` with these tracking.* settings."""
+    run_cfg = OmegaConf.merge(cfg, {"train": {"epochs": 1}, "tracking": tracking})
+    start = time.perf_counter()
+    with _quiet():
+        train(run_cfg)
+    return time.perf_counter() - start
+
+
 def section_tracking(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
     """Wall time of a 1-epoch run with MLflow logging on and off; how long the training thread
     waits on logging, against a local store and against a tracking server that answers each
@@ -264,21 +273,12 @@ def section_tracking(cfg: DictConfig, data: Dataset, device: torch.device) -> li
 
     def one_epoch(enabled: bool, uri: str = local) -> Callable[[], float]:
         def measure() -> float:
-            run_cfg = OmegaConf.merge(
-                cfg,
-                {
-                    "train": {"epochs": 1},
-                    "tracking": {
-                        "enabled": enabled, "uri": uri, "pending_dir": str(folder / "pending"),
-                    },
-                },
-            )  # fmt: skip
-            start = time.perf_counter()
-            with _quiet(), time_on_training_thread() as spent:
-                train(run_cfg)
+            with time_on_training_thread() as spent:
+                seconds = one_epoch_run(cfg, {"enabled": enabled, "uri": uri,
+                                              "pending_dir": str(folder / "pending")})  # fmt: skip
             if enabled:
                 waits.append(spent)
-            return time.perf_counter() - start
+            return seconds
 
         return measure
 
@@ -324,23 +324,10 @@ def section_ui(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str
     uri = f"sqlite:///{folder / 'mlflow.db'}"
 
     def one_epoch(name: str, figures: bool, system: bool) -> Callable[[], float]:
-        def measure() -> float:
-            run_cfg = OmegaConf.merge(
-                cfg,
-                {
-                    "train": {"epochs": 1},
-                    "tracking": {
-                        "enabled": True, "uri": uri, "pending_dir": str(folder / "pending"),
-                        "log_figures": figures, "system_metrics": system, "run_name": name,
-                    },
-                },
-            )  # fmt: skip
-            start = time.perf_counter()
-            with _quiet():
-                train(run_cfg)
-            return time.perf_counter() - start
-
-        return measure
+        return lambda: one_epoch_run(cfg, {
+            "enabled": True, "uri": uri, "pending_dir": str(folder / "pending"),
+            "log_figures": figures, "system_metrics": system, "run_name": name,
+        })  # fmt: skip
 
     one_epoch("warm-up", False, False)()  # the store, torch.export's first model: paid once
     seconds = alternate(cfg.bench.rounds, {
