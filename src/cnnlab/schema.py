@@ -243,6 +243,9 @@ class SearchSweeperConf:
     storage: str | None = None  # None: sqlite optuna.db in hydra.sweep.dir; or postgresql://...
     n_trials: int = 20  # trials the study should have ended, counting a resumed study's
     n_jobs: int | None = None  # trials at a time; None: hydra.launcher.n_jobs (joblib), else 1
+    # true: launch n_jobs trials together and wait for the slowest (hydra-optuna-sweeper's way);
+    # false: with joblib, each slot starts its next trial as soon as its last one ends
+    batched: bool = False
     max_failure_rate: float = 0.0  # stop starting trials once failed / ended exceeds it
     sampler: SamplerConf = field(default_factory=SamplerConf)
     pruner: str = "median"  # one of PRUNERS; its settings: pruners.<pruner>.*

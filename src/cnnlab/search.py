@@ -11,7 +11,8 @@ machines (joblib, SLURM, Ray) report to the same study.
 
 Trials never wait on each other: with the joblib launcher each slot starts its next trial as
 soon as its last one ends, where Hydra's Optuna sweeper launched blocking batches of n_jobs.
-Other launchers (basic, SLURM, Ray) run `n_jobs` trials per launch, as it did.
+Other launchers (basic, SLURM, Ray), and `batched: true`, run `n_jobs` trials per launch and
+wait for all of them, as it did.
 
 Rerunning a search with the same `storage` and `study_name` (or in the same hydra.sweep.dir)
 resumes it: its ended trials count towards `n_trials`, trials a stopped sweep left running are
@@ -84,6 +85,7 @@ class Search:
         storage: str | None,
         n_trials: int,
         n_jobs: int | None,
+        batched: bool,
         max_failure_rate: float,
         sampler: DictConfig,
         pruner: str,
@@ -92,6 +94,7 @@ class Search:
     ) -> None:
         self.direction, self.study_name, self.storage = direction, study_name, storage
         self.n_trials, self.n_jobs, self.max_failure_rate = n_trials, n_jobs, max_failure_rate
+        self.batched = batched
         self.sampler_cfg, self.pruner, self.pruners = sampler, pruner, pruners
         self.params = dict(params or {})
         self.running: dict[int, optuna.Trial] = {}  # by trial number
@@ -136,7 +139,7 @@ class Search:
         # Launchers that run a job in a process of its own can take one job per call from
         # several threads; only joblib's is known to be safe so (the basic launcher runs jobs
         # in this process; cnnlab's Ray launcher shuts Ray down after each call).
-        self.no_wait = self.slots > 1 and _is_joblib(config.hydra.launcher)
+        self.no_wait = self.slots > 1 and _is_joblib(config.hydra.launcher) and not self.batched
 
     def _sampler(self) -> optuna.samplers.BaseSampler:
         target = self.sampler_cfg.get("_target_", "")
