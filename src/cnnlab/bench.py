@@ -652,19 +652,11 @@ def section_sweep(cfg: DictConfig, data: Dataset, device: torch.device) -> list[
 
     def sweep(name: str) -> Callable[[], float]:
         def measure() -> float:
-            folder = Path(tempfile.mkdtemp(prefix=f"cnnlab-bench-{name}-"))
-            uri = f"sqlite:///{folder / 'mlflow.db'}"
-            command = [
-                Path(sys.executable).with_name("cnnlab-train"), "-m",
+            uri, start, wall = timed_sweep(f"the {name} sweep", [
                 f"train.seed={','.join(str(seed) for seed in range(1, jobs + 1))}",
                 "train.epochs=1", f"data.root={launch_path(cfg.data.root)}",
-                f"hardware.device={device}", f"tracking.uri={uri}", *engines[name][0],
-            ]  # fmt: skip
-            start = time.time()
-            done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
-            wall = time.time() - start
-            if done.returncode:
-                raise CnnlabError(f"the {name} sweep failed: {done.stderr.strip()[-500:]}")
+                f"hardware.device={device}", *engines[name][0],
+            ])  # fmt: skip
             runs = [(c["start"], c["end"]) for c in sweep_children(uri, "cnnlab") if c["end"]]
             if len(runs) != jobs:
                 raise CnnlabError(f"the {name} sweep logged {len(runs)} finished runs of {jobs}")
@@ -714,18 +706,10 @@ def section_search(cfg: DictConfig, data: Dataset, device: torch.device) -> list
     }
     results = {}
     for name, overrides in sides.items():
-        folder = Path(tempfile.mkdtemp(prefix="cnnlab-bench-search-"))
-        uri = f"sqlite:///{folder / 'mlflow.db'}"
-        command = [
-            Path(sys.executable).with_name("cnnlab-train"), "-m", "hparams_search=optuna_convnet",
-            f"data.root={root}", f"hardware.device={device}", f"tracking.uri={uri}",
+        uri, _, wall = timed_sweep(f"the {name} search", [
+            "hparams_search=optuna_convnet", f"data.root={root}", f"hardware.device={device}",
             "tracking.log_model=false", *overrides,
-        ]  # fmt: skip
-        start = time.time()
-        done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
-        wall = time.time() - start
-        if done.returncode:
-            raise CnnlabError(f"the {name} search failed: {done.stderr.strip()[-500:]}")
+        ])  # fmt: skip
         [parent] = find_runs(uri, "cnnlab", "cnnlab.role", "sweep")
         results[name] = (run_record(uri, parent)["metrics"], wall)
     lines = [
@@ -747,6 +731,20 @@ def section_search(cfg: DictConfig, data: Dataset, device: torch.device) -> list
         f"  joblib x2: batched / no-wait wall time: {waits:.2f}",
     ]
     return lines
+
+
+def timed_sweep(what: str, overrides: list[str]) -> tuple[str, float, float]:
+    """Run `cnnlab-train -m overrides` in a new folder, into a new SQLite store there: (the
+    store's URI, start time, wall seconds); a CnnlabError naming `what` if it fails."""
+    folder = Path(tempfile.mkdtemp(prefix="cnnlab-bench-sweep-"))
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    command = [Path(sys.executable).with_name("cnnlab-train"), "-m", *overrides,
+               f"tracking.uri={uri}"]  # fmt: skip
+    start = time.time()
+    done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    if done.returncode:
+        raise CnnlabError(f"{what} failed: {done.stderr.strip()[-500:]}")
+    return uri, start, time.time() - start
 
 
 def _ray_cpus(address: str) -> int:
