@@ -297,11 +297,11 @@ class TrialReport:
         """Record the trial's MLflow run in the study (the sweep's search history links it)."""
         self.trial.set_user_attr(RUN_ID, run_id)
 
-    def check(self, step: int, value: float) -> TrialPruned | None:
+    def check(self, step: int, value: float, final: bool = False) -> TrialPruned | None:
         """Report `value` at mini-batch `step`; a TrialPruned to raise if the pruner stops the
-        trial here."""
+        trial here. The `final` report prunes nothing: the trial has trained to its end."""
         self.trial.report(value, step)
-        if self.pruning and self.trial.should_prune():
+        if self.pruning and not final and self.trial.should_prune():
             return TrialPruned(step, self.pruner, value)
         return None
 

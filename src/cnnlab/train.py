@@ -204,11 +204,13 @@ def fit(
                 print(f"Epoch {epoch + 1}: validation loss {val_loss:.4f}, "
                       f"validation accuracy {accuracy:.2%}")  # fmt: skip
                 metrics.update(val_loss=val_loss, val_accuracy=accuracy)
-            run.log_metrics(metrics, step=(epoch + 1) * per_epoch)
+            at = (epoch + 1) * per_epoch
+            run.log_metrics(metrics, step=at)
             progress = Progress(epoch + 1)  # next epoch from its first batch, RNG as it is now
             checkpoint.save(last, model, optimizer, progress)
             run.log_checkpoint(last)
-            if trial is not None and (pruned := trial.check((epoch + 1) * per_epoch, accuracy)):
+            final = epoch + 1 == cfg.train.epochs  # reported, but too late to prune
+            if trial is not None and (pruned := trial.check(at, accuracy, final)):
                 print(f"Trial {pruned}")
                 raise pruned  # after the epoch's checkpoint: the run ends KILLED, tagged PRUNED
     return accuracy
