@@ -708,7 +708,7 @@ def section_search(cfg: DictConfig, data: Dataset, device: torch.device) -> list
     for name, overrides in sides.items():
         uri, _, wall = timed_sweep(f"the {name} search", [
             "hparams_search=optuna_convnet", f"data.root={root}", f"hardware.device={device}",
-            "tracking.log_model=false", *overrides,
+            f"hardware.threads={cfg.hardware.threads}", "tracking.log_model=false", *overrides,
         ])  # fmt: skip
         [parent] = find_runs(uri, "cnnlab", "cnnlab.role", "sweep")
         results[name] = (run_record(uri, parent)["metrics"], wall)
