@@ -100,6 +100,7 @@ def test_optuna_search_records_failed_trials_and_goes_on(tiny_overrides, tmp_pat
     (preset / "tiny.yaml").write_text(
         "# @package _global_\n"
         "defaults:\n  - optuna_convnet\n"
+        "data:\n  val_size: 100\n"  # of the tiny set's 600
         "hydra:\n  sweeper:\n    n_trials: 5\n    params:\n"
         "      optimizer: choice(adam, sgd)\n"
         "      optimizer.lr: choice(0.001, 1e30)\n"

@@ -17,3 +17,24 @@ def one_line(exc: BaseException) -> str:
     # MLflow's exceptions keep their own words in .message; str() may prefix an error code.
     text = str(getattr(exc, "message", None) or exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+class TrialPruned(Exception):  # noqa: N818 - Optuna's name for the same event
+    """A search's pruner stopped this trial at mini-batch `step` (not an error: its run ends
+    KILLED, resumable, tagged cnnlab.trial_state=PRUNED; the sweeper tells Optuna PRUNED)."""
+
+    def __init__(self, step: int, pruner: str, value: float) -> None:
+        super().__init__(step, pruner, value)  # all in args: it crosses processes pickled
+        self.step, self.pruner, self.value = step, pruner, value
+
+    def __str__(self) -> str:
+        return f"pruned by the {self.pruner} pruner at mini-batch {self.step} ({self.value:.4f})"
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """The tags a pruned trial's run ends with."""
+        return {
+            "cnnlab.trial_state": "PRUNED",
+            "cnnlab.pruned_step": str(self.step),
+            "cnnlab.pruner": self.pruner,
+        }

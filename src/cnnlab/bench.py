@@ -54,6 +54,7 @@ from cnnlab.tracking import (
     create_run,
     find_runs,
     metric_history,
+    run_record,
     sweep_children,
 )
 from cnnlab.train import build_model, train, training_step
@@ -768,19 +769,11 @@ def section_sweep(cfg: DictConfig, data: Dataset, device: torch.device) -> list[
 
     def sweep(name: str) -> Callable[[], float]:
         def measure() -> float:
-            folder = Path(tempfile.mkdtemp(prefix=f"cnnlab-bench-{name}-"))
-            uri = f"sqlite:///{folder / 'mlflow.db'}"
-            command = [
-                Path(sys.executable).with_name("cnnlab-train"), "-m",
+            uri, start, wall = timed_sweep(f"the {name} sweep", [
                 f"train.seed={','.join(str(seed) for seed in range(1, jobs + 1))}",
                 "train.epochs=1", f"data.root={launch_path(cfg.data.root)}",
-                f"hardware.device={device}", f"tracking.uri={uri}", *engines[name][0],
-            ]  # fmt: skip
-            start = time.time()
-            done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
-            wall = time.time() - start
-            if done.returncode:
-                raise CnnlabError(f"the {name} sweep failed: {done.stderr.strip()[-500:]}")
+                f"hardware.device={device}", *engines[name][0],
+            ])  # fmt: skip
             runs = [(c["start"], c["end"]) for c in sweep_children(uri, "cnnlab") if c["end"]]
             if len(runs) != jobs:
                 raise CnnlabError(f"the {name} sweep logged {len(runs)} finished runs of {jobs}")
@@ -808,6 +801,67 @@ def section_sweep(cfg: DictConfig, data: Dataset, device: torch.device) -> list[
             f"{run:8.1f}  {per_job:7.1f}  {tail:4.1f}"
         )
     return lines
+
+
+def section_search(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
+    """hparams_search=optuna_convnet as shipped (20 TPE trials, sampler seed 42, over lr,
+    batch size and optimizer; 1 epoch each; 5000 training images held out to select on),
+    untracked models, once per side: without pruning and with the median pruner, mini-batches
+    trained, wall time, the best trial's validation accuracy and its test accuracy. Then the
+    pruned search on joblib with 2 workers, trials launched in blocking pairs (as
+    hydra-optuna-sweeper does) and each as soon as a slot frees: wall time.
+
+    Each search runs once (a search is minutes; its trials are its own repetitions).
+    """
+    root = launch_path(cfg.data.root)
+    joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    sides = {
+        "no pruning": ["hydra.sweeper.pruner=none"],
+        "median pruner": ["hydra.sweeper.pruner=median"],
+        "joblib x2, batched": [*joblib, "hydra.sweeper.batched=true"],
+        "joblib x2, no wait": joblib,
+    }
+    results = {}
+    for name, overrides in sides.items():
+        uri, _, wall = timed_sweep(f"the {name} search", [
+            "hparams_search=optuna_convnet", f"data.root={root}", f"hardware.device={device}",
+            f"hardware.threads={cfg.hardware.threads}", "tracking.log_model=false", *overrides,
+        ])  # fmt: skip
+        [parent] = find_runs(uri, "cnnlab", "cnnlab.role", "sweep")
+        results[name] = (run_record(uri, parent)["metrics"], wall)
+    lines = [
+        "Search: hparams_search=optuna_convnet (20 trials of 1 epoch, TPE seed 42):",
+        "  search               mini-batches  pruned    wall  best val acc  its test acc",
+    ]
+    for name, (m, wall) in results.items():
+        lines.append(
+            f"  {name:<20} {m['search_minibatches']:12.0f}  {m['search_pruned']:6.0f}  "
+            f"{wall:5.0f} s  {m['best_val_accuracy']:11.2%}  {m['best_test_accuracy']:12.2%}"
+        )
+    full, pruned = results["no pruning"][0], results["median pruner"][0]
+    share = pruned["search_minibatches"] / full["search_minibatches"]
+    gap = (pruned["best_val_accuracy"] - full["best_val_accuracy"]) * 100
+    waits = results["joblib x2, batched"][1] / results["joblib x2, no wait"][1]
+    lines += [
+        f"  pruned / unpruned mini-batches: {share:.2f} (target <= 0.33); pruned best val acc "
+        f"{gap:+.2f} points from the unpruned best (target >= -0.5)",
+        f"  joblib x2: batched / no-wait wall time: {waits:.2f}",
+    ]
+    return lines
+
+
+def timed_sweep(what: str, overrides: list[str]) -> tuple[str, float, float]:
+    """Run `cnnlab-train -m overrides` in a new folder, into a new SQLite store there: (the
+    store's URI, start time, wall seconds); a CnnlabError naming `what` if it fails."""
+    folder = Path(tempfile.mkdtemp(prefix="cnnlab-bench-sweep-"))
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    command = [Path(sys.executable).with_name("cnnlab-train"), "-m", *overrides,
+               f"tracking.uri={uri}"]  # fmt: skip
+    start = time.time()
+    done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    if done.returncode:
+        raise CnnlabError(f"{what} failed: {done.stderr.strip()[-500:]}")
+    return uri, start, time.time() - start
 
 
 def _ray_cpus(address: str) -> int:
@@ -847,6 +901,7 @@ SECTIONS = {
     "parallel": section_parallel,
     "datasets": section_datasets,
     "sweep": section_sweep,
+    "search": section_search,
     "ui": section_ui,
     "ddp": section_ddp,
 }

@@ -34,7 +34,7 @@ import urllib.request
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,7 @@ class Dataset:
     classes: list[str]  # class names, index = label
     source: Path  # the folder the files were read from
     checksum: str  # md5 over the files' md5s: one tag that pins the exact data
+    val: Split | None = None  # held out of the training files (data.val_size), or none
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
@@ -182,8 +183,12 @@ def load_dataset(
     channels: int | None = None,
     test_fraction: float = 0.2,
     split_seed: int = 0,
+    val_size: int = 0,
 ) -> Dataset:
-    """The dataset, decoded once and cached; its files are fetched first if any is missing."""
+    """The dataset, decoded once and cached; its files are fetched first if any is missing.
+
+    `val_size` > 0 holds that many training samples out as a validation split (seed
+    `split_seed`); 0 leaves the training split exactly as the files have it."""
     if dataset not in DATASETS:
         raise DataError(
             f"data.dataset={dataset} is not supported; choose one of {', '.join(DATASETS)}"
@@ -206,7 +211,31 @@ def load_dataset(
         _LOADED.clear()  # one dataset in memory at a time
         _LOADED[recipe.key] = _cached(recipe)
     data = _LOADED[recipe.key]
-    return _with_classes(data, num_classes, recipe.source)
+    return held_out(_with_classes(data, num_classes, recipe.source), val_size, split_seed, name)
+
+
+def held_out(data: Dataset, val_size: int, seed: int, name: str) -> Dataset:
+    """`data` with `val_size` training samples, drawn with `seed`, moved to a validation split.
+
+    Both parts keep the files' order (the epoch's shuffle is drawn over what remains); 0 returns
+    `data` itself, so a run without a validation split trains on exactly the same tensors.
+    """
+    if not val_size:
+        return data
+    n = len(data.train)
+    if val_size >= n:
+        raise DataError(
+            f"data.val_size={val_size} leaves no training samples: {name}'s training split has "
+            f"{n}; set data.val_size below {n} (e.g. {n // 12}), or 0 for no validation split"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val, train = order[:val_size].sort().values, order[val_size:].sort().values
+    split = data.train
+    return replace(
+        data,
+        train=Split(split.images[train], split.labels[train]),
+        val=Split(split.images[val], split.labels[val]),
+    )
 
 
 _LOADED: dict[str, Dataset] = {}

@@ -69,27 +69,30 @@ def description(cfg: DictConfig, data: Dataset | None = None, accuracy: float | 
         shape = "x".join(map(str, data.in_shape))
         lines.append(f"{len(data.train)} training / {len(data.test)} test images of {shape}, "
                      f"{data.num_classes} classes")  # fmt: skip
-    if accuracy is not None:
-        lines.append(f"Test accuracy: **{accuracy:.2%}**")
+    if accuracy is not None:  # what train() returns: the selection split's
+        split = "Validation" if cfg.data.get("val_size") else "Test"
+        lines.append(f"{split} accuracy: **{accuracy:.2%}**")
     return "\n\n".join(lines)
 
 
-def dataset_inputs(name: str, data: Dataset) -> list[DatasetRecord]:
-    """The run's training and test splits as MLflow dataset inputs, `<name>-train` and
-    `<name>-test`, each with a digest derived from the files' md5s."""
+def dataset_inputs(name: str, data: Dataset, val_size: int = 0) -> list[DatasetRecord]:
+    """The run's splits as MLflow dataset inputs, `<name>-train`, `<name>-val` (data.val_size
+    held out of the training files) and `<name>-test`, each with a digest derived from the
+    files' md5s (and the held-out size: it changes what train and val hold)."""
+    held_out = f":{val_size}" if val_size else ""
+    splits = [("train", data.train, "training"), ("val", data.val, "validation"),
+              ("test", data.test, "evaluation")]  # fmt: skip
     return [
         dataset_record(
             f"{name}-{split}",
-            hashlib.md5(f"{data.checksum}:{split}".encode()).hexdigest()[:10],
+            hashlib.md5(f"{data.checksum}:{split}{held_out}".encode()).hexdigest()[:10],
             data.source,
             context,
             tuple(part.images.shape),
             data.num_classes,
         )  # fmt: skip
-        for split, part, context in (
-            ("train", data.train, "training"),
-            ("test", data.test, "evaluation"),
-        )  # fmt: skip
+        for split, part, context in splits
+        if part is not None
     ]
 
 

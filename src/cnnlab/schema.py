@@ -130,7 +130,9 @@ class DataConf:
     image_size: list[int] | None = None  # ImageFolder: [H, W] every image is resized to, once
     channels: int | None = None  # ImageFolder: 1 or 3; None: 1 only if every image is grey
     test_fraction: float = 0.2  # ImageFolder without train/ and test/: share of each class
-    split_seed: int = 0  # ... drawn with this seed
+    split_seed: int = 0  # ... and the validation split (val_size) are drawn with this seed
+    # Training samples held out to select (and prune) on in searches; 0: none, the article's run.
+    val_size: int = 0
     preprocess: PreprocessConf = field(default_factory=PreprocessConf)
 
 
@@ -183,6 +185,77 @@ class BenchConf:
     batch_sizes: list[int] = MISSING
     sections: list[str] = MISSING
     ray_address: str | None = None  # sweep section: a running Ray head; None starts a local one
+
+
+# --------------------------------------------- hydra/sweeper=cnnlab_optuna (cnnlab/search.py)
+# Each pruner's keys are its Optuna constructor's, in mini-batches (the step of the metrics).
+@dataclass
+class MedianPrunerConf:
+    n_startup_trials: int = 5  # completed trials before any is pruned
+    n_warmup_steps: int = 0  # mini-batches a trial trains before it can be pruned
+    interval_steps: int = 1  # check every logged step (they are train.log_every apart)
+    n_min_trials: int = 1  # trials with a value at a step before that step can prune
+
+
+@dataclass
+class PercentilePrunerConf(MedianPrunerConf):
+    percentile: float = 25.0  # keep trials in the best 25% at each step (50: the median)
+
+
+@dataclass
+class SuccessiveHalvingPrunerConf:
+    min_resource: Any = "auto"  # mini-batches of the first rung; auto: from the first trial
+    reduction_factor: int = 4
+    min_early_stopping_rate: int = 0
+    bootstrap_count: int = 0
+
+
+@dataclass
+class HyperbandPrunerConf:
+    min_resource: int | None = None  # None: train.log_every, the first step a trial reports
+    max_resource: Any = "auto"  # auto: the mini-batches of the first completed trial
+    reduction_factor: int = 3
+    bootstrap_count: int = 0
+
+
+@dataclass
+class PrunersConf:
+    median: MedianPrunerConf = field(default_factory=MedianPrunerConf)
+    percentile: PercentilePrunerConf = field(default_factory=PercentilePrunerConf)
+    successive_halving: SuccessiveHalvingPrunerConf = field(
+        default_factory=SuccessiveHalvingPrunerConf
+    )
+    hyperband: HyperbandPrunerConf = field(default_factory=HyperbandPrunerConf)
+
+
+@dataclass
+class SamplerConf:
+    _target_: str = "optuna.samplers.TPESampler"  # any optuna.samplers class but GridSampler
+    seed: int | None = None
+
+
+PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
+
+
+@dataclass
+class SearchSweeperConf:
+    """hydra-optuna-sweeper's keys (single objective), plus pruning."""
+
+    _target_: str = "hydra_plugins.cnnlab_search_sweeper.CnnlabOptunaSweeper"
+    _recursive_: bool = False  # the sampler is created by the sweeper, which reports its errors
+    direction: str = "maximize"  # of what each job returns: maximize | minimize
+    study_name: str | None = None  # None: Optuna names it; give one to resume it later
+    storage: str | None = None  # None: sqlite optuna.db in hydra.sweep.dir; or postgresql://...
+    n_trials: int = 20  # trials the study should have ended, counting a resumed study's
+    n_jobs: int | None = None  # trials at a time; None: hydra.launcher.n_jobs (joblib), else 1
+    # true: launch n_jobs trials together and wait for the slowest (hydra-optuna-sweeper's way);
+    # false: with joblib, each slot starts its next trial as soon as its last one ends
+    batched: bool = False
+    max_failure_rate: float = 0.0  # stop starting trials once failed / ended exceeds it
+    sampler: SamplerConf = field(default_factory=SamplerConf)
+    pruner: str = "median"  # one of PRUNERS; its settings: pruners.<pruner>.*
+    pruners: PrunersConf = field(default_factory=PrunersConf)
+    params: dict[str, str] = field(default_factory=dict)  # key: choice(...)|interval(...)|...
 
 
 @dataclass
@@ -277,6 +350,7 @@ def register() -> None:
     cs.store(group="schema/optimizer", name="sgd", node=SGDConf)
     cs.store(group="schema/data", name="data", node=DataConf)
     cs.store(group="schema/hardware", name="hardware", node=HardwareConf)
+    cs.store(group="hydra/sweeper", name="cnnlab_optuna", node=SearchSweeperConf)
 
 
 # ----------------------------------------------------------------------- value checks (validate)
@@ -337,6 +411,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.channels", lambda v: v in (1, 3), "1 or 3 (or null)"),
     ("data.test_fraction", lambda v: _positive_float(v) and v < 1, "a number in (0, 1)"),
     ("data.split_seed", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    ("data.val_size", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: none)"),
     ("data.preprocess.mean", lambda v: all(_non_negative(m) for m in v), "numbers >= 0"),
     ("data.preprocess.std", lambda v: all(_positive_float(d) for d in v), "numbers > 0"),
     ("data.preprocess.crop_padding", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),

@@ -25,14 +25,15 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.figures import sweep_figures
 from cnnlab.tracking import Tracker, attach_run, check_reachable, create_run, resolve_uri, run_state
 
 SWEEP_FILE = "cnnlab-sweep.json"  # in hydra.sweep.dir: what each job needs to find its parent
 RUN_FILE = "cnnlab-run.json"  # in a job's output folder: the run it opened, for a requeued job
-METRIC = "test_accuracy"  # what the entrypoint returns and sweeps maximise
+SEARCH_FILE = "cnnlab-search.json"  # in hydra.sweep.dir: a search's history (cnnlab.search)
+TRIAL_ENV = "CNNLAB_TRIAL"  # hydra.job.env_set key: the search trial a job runs (its id)
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 FAILED_MARK = "cnnlab-failed-{num}.txt"  # in hydra.sweep.dir, one per failed job, any process
@@ -42,6 +43,20 @@ FAILED_MARK = "cnnlab-failed-{num}.txt"  # in hydra.sweep.dir, one per failed jo
 # closes a parent left open itself.
 _sweep_dir: Path | None = None
 _open_parent: Tracker | None = None
+
+
+def selection_metric(config: DictConfig) -> str:
+    """What the entrypoint returns and sweeps select on: validation accuracy where data.val_size
+    holds a validation split out, else test accuracy (as before data.val_size existed)."""
+    held_out = OmegaConf.select(config, "data.val_size", default=0)
+    return "val_accuracy" if held_out else "test_accuracy"
+
+
+def handed_trial() -> str | None:
+    """The id of the search trial this sweep job runs (cnnlab.search hands it), or None."""
+    if not in_sweep():
+        return None
+    return HydraConfig.get().job.env_set.get(TRIAL_ENV)
 
 
 def swept_keys(overrides: list[str], sweeper: DictConfig) -> list[str]:
@@ -60,6 +75,8 @@ class SweepCallback(Callback):
     def __init__(self) -> None:
         self.parent: Tracker | None = None
         self.swept: list[str] = []
+        self.metric = "test_accuracy"
+        self.sweep_dir = Path()
         self.log_figures = False  # the sweep's tracking.log_figures and register_as
         self.register_as: str | None = None
 
@@ -74,7 +91,8 @@ class SweepCallback(Callback):
         check_reachable(uri)
         overrides = list(config.hydra.overrides.task)
         self.swept = swept_keys(overrides, config.hydra.sweeper)
-        sweep_dir = Path(config.hydra.sweep.dir)
+        self.metric = selection_metric(config)
+        self.sweep_dir = sweep_dir = Path(config.hydra.sweep.dir)
         label = " ".join(o for o in overrides if o.split("=", 1)[0] in self.swept)
         search = config.hydra.sweeper.get("study_name")
         name = f"sweep {search or label or sweep_dir.name}"[:250]
@@ -83,6 +101,7 @@ class SweepCallback(Callback):
             "cnnlab.overrides": " ".join(overrides),
             "cnnlab.sweep_dir": str(sweep_dir.resolve()),
             "cnnlab.swept": ",".join(self.swept),
+            "cnnlab.selection_metric": self.metric,
         }
         self.log_figures = config.tracking.log_figures
         self.register_as = config.tracking.register_as
@@ -110,24 +129,31 @@ class SweepCallback(Callback):
 
     def _summarize(self, parent: Tracker) -> None:
         children = parent.children()
-        parent.log_text(summary_csv(children, self.swept), "sweep_summary.csv")
+        metric = self.metric
         done = [
             c for c in children
-            if c["status"] == "FINISHED" and math.isfinite(c["metrics"].get(METRIC, math.nan))
+            if c["status"] == "FINISHED" and math.isfinite(c["metrics"].get(metric, math.nan))
         ]  # fmt: skip
+        best = max(done, key=lambda c: c["metrics"][metric]) if done else None
+        parent.log_text(summary_csv(children, self.swept, best, metric), "sweep_summary.csv")
         print(f"Sweep: {len(children)} runs, {len(failed_jobs())} jobs failed", end="")
-        if done:
-            best = max(done, key=lambda c: c["metrics"][METRIC])
+        if best is not None:
             parent.set_tags({"cnnlab.best_run_id": best["run_id"]})
             parent.set_tags({"cnnlab.best_run_name": best["run_name"]})
+            parent.set_tags({"cnnlab.best_selected_by": metric})
+            parent.client.set_tag(best["run_id"], "cnnlab.selected_by", metric)
             parent.log_params({f"best.{k}": v for k, v in best["values"].items()})
-            parent.log_metrics({f"best_{METRIC}": best["metrics"][METRIC]}, step=0)
-            print(f"; best {best['run_name']} ({METRIC} {best['metrics'][METRIC]:.4f})", end="")
+            # Test accuracy goes along for the record: it selected nothing when metric is val.
+            shown = {m: v for m, v in best["metrics"].items() if m in (metric, "test_accuracy")}
+            parent.log_metrics({f"best_{m}": v for m, v in shown.items()}, step=0)
+            print(f"; best {best['run_name']} ({metric} {best['metrics'][metric]:.4f})", end="")
             if self.register_as:  # the jobs left it to the sweep: only the best is registered
                 parent.register_model(self.register_as, "best", run_id=best["run_id"])
         print(f"; summary in parent run {parent.run_id}")
+        if (self.sweep_dir / SEARCH_FILE).exists():
+            log_search_history(parent, json.loads((self.sweep_dir / SEARCH_FILE).read_text()))
         if self.log_figures:
-            for name, figure in sweep_figures(children, self.swept, METRIC).items():
+            for name, figure in sweep_figures(children, self.swept, metric).items():
                 parent.log_figure(figure, name)
 
 
@@ -158,20 +184,57 @@ def failed_jobs() -> list[str]:
     return [m.read_text().splitlines()[0] for m in marks]
 
 
-def summary_csv(children: list[dict[str, Any]], swept: list[str]) -> str:
-    """One row per child: name, id, status, swept params, final metrics, error."""
+def summary_csv(
+    children: list[dict[str, Any]], swept: list[str], best: dict | None = None, metric: str = ""
+) -> str:
+    """One row per child: name, id, status (PRUNED for a pruned trial), swept params, final
+    metrics, error; `selected_by` names the metric that made the best child best."""
     metric_names = sorted({m for c in children for m in c["metrics"]})
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["run_name", "run_id", "status", *swept, *metric_names, "error"])
+    writer.writerow(["run_name", "run_id", "status", *swept, *metric_names, "error", "selected_by"])
     for c in children:
         writer.writerow(
-            [c["run_name"], c["run_id"], c["status"]]
+            [c["run_name"], c["run_id"], c["state"]]
             + [c["values"].get(k, "") for k in swept]
             + [c["metrics"].get(m, "") for m in metric_names]
-            + [c["error"]]
+            + [c["error"], metric if best is not None and c is best else ""]
         )
     return out.getvalue()
+
+
+def log_search_history(parent: Tracker, history: dict[str, Any]) -> None:
+    """A search's history on its parent run: search_history.csv (each trial in order: state,
+    value, best so far, mini-batches, params), the value and best so far as metrics whose step
+    is the trial number, and how many trials completed, were pruned or failed."""
+    trials = history["trials"]
+    params = sorted({k for t in trials for k in t["params"]})
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["trial", "state", history["metric"], "best_so_far", "minibatches", *params,
+                     "run_id"])  # fmt: skip
+    for t in trials:
+        row = [t["trial"], t["state"], t["value"], t["best_so_far"], t["minibatches"]]
+        writer.writerow([*("" if v is None else v for v in row),
+                         *(t["params"].get(k, "") for k in params), t["run_id"]])  # fmt: skip
+        if t["value"] is not None:
+            parent.log_metrics({"search_value": t["value"]}, step=t["trial"])
+        if t["best_so_far"] is not None:
+            parent.log_metrics({"search_best_so_far": t["best_so_far"]}, step=t["trial"])
+    parent.log_text(out.getvalue(), "search_history.csv")
+    states = [t["state"] for t in trials]
+    counts = {
+        "search_completed": states.count("COMPLETE"),
+        "search_pruned": states.count("PRUNED"),
+        "search_failed": len(states) - states.count("COMPLETE") - states.count("PRUNED"),
+        "search_minibatches": sum(t["minibatches"] for t in trials),
+    }
+    parent.log_metrics(counts, step=0)
+    print(
+        f"Search {history['study']}: {len(trials)} trials, {counts['search_completed']} "
+        f"completed, {counts['search_pruned']} pruned, {counts['search_failed']} failed; "
+        f"{counts['search_minibatches']} mini-batches trained"
+    )
 
 
 def in_sweep() -> bool:

@@ -49,7 +49,7 @@ from mlflow.models import Model, infer_signature
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.tracking import MlflowClient
 
-from cnnlab import CnnlabError, exported, interrupts, one_line
+from cnnlab import CnnlabError, TrialPruned, exported, interrupts, one_line
 
 # MLflow draws a progress bar for every artifact download; cnnlab's output stays readable.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -804,6 +804,8 @@ def run_children(client: MlflowClient, experiment_id: str, run_id: str) -> list[
             "params": dict(r.data.params),
             "metrics": dict(r.data.metrics),
             "error": r.data.tags.get("cnnlab.error", ""),
+            # PRUNED for a search's pruned trial (its run ends KILLED), else the run's status
+            "state": r.data.tags.get("cnnlab.trial_state", r.info.status),
             "values": json.loads(r.data.tags.get("cnnlab.sweep_values", "{}")),
             "start": r.info.start_time / 1000,
             "end": r.info.end_time / 1000 if r.info.end_time else None,
@@ -1070,6 +1072,10 @@ def closing_run(tracker: Tracker | NullTracker) -> Iterator[Tracker | NullTracke
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+        raise
+    except TrialPruned as exc:  # stopped early by a search, resumable like a stopped run
+        status = "KILLED"
+        tracker.set_tags(exc.tags)
         raise
     except BaseException as exc:
         tracker.set_tags({"cnnlab.error": f"{type(exc).__name__}: {exc}"[:5000]})

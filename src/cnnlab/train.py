@@ -16,13 +16,14 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab import CnnlabError, checkpoint, distributed, interrupts, schema, sweep
+from cnnlab import CnnlabError, TrialPruned, checkpoint, distributed, interrupts, schema, sweep
 from cnnlab.checkpoint import Progress
 from cnnlab.cli import CONF_DIR, launch_path, run_cli, store_uri
 from cnnlab.data import IDX_SETS, Dataset, Split, data_arguments, load_dataset
@@ -55,9 +56,13 @@ from cnnlab.tracking import (
     system_metrics,
 )
 
+if TYPE_CHECKING:
+    from cnnlab.search import TrialReport
+
 
 def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float:
-    """Train the configured model and log the run; return the final test accuracy.
+    """Train the configured model and log the run; return the final accuracy sweeps select on:
+    validation accuracy with a validation split (data.val_size), else test accuracy.
 
     Under torchrun, every rank calls this: rank 0 logs the one run, the others train their
     share of each batch in step with it (cnnlab.distributed) and return NaN.
@@ -101,6 +106,7 @@ def _train(cfg: DictConfig, world: World, extra_tags: dict[str, str] | None) -> 
     with distributed.local_main_first(world):  # one fetch per node, the others read its cache
         data = load_dataset(**data_arguments(cfg.data, launch_path(cfg.data.root)))
     train_split, test_split = on_device(data.train, device), on_device(data.test, device)
+    val_split = on_device(data.val, device) if data.val is not None else None
     if cfg.train.overfit_batches:  # a few fixed batches: can the model fit them at all?
         train_split = first(train_split, cfg.train.overfit_batches * cfg.train.batch_size)
     if cfg.train.limit_eval_batches:
@@ -108,6 +114,9 @@ def _train(cfg: DictConfig, world: World, extra_tags: dict[str, str] | None) -> 
 
     model, optimizer = build_model(cfg, data, device)
 
+    trial = search_trial(cfg)
+    if trial is not None:
+        extra_tags = {**(extra_tags or {}), **trial.tags}
     spool = launch_path(cfg.tracking.pending_dir)
     with open_run(cfg, uri, spool, device, data.checksum, extra_tags, model, optimizer, world) as (
         run,
@@ -116,8 +125,13 @@ def _train(cfg: DictConfig, world: World, extra_tags: dict[str, str] | None) -> 
         progress = distributed.same_start(world, model, optimizer, progress)  # rank 0's
         if not cfg.train.resume:
             run.log_dict(data.classes, "data/classes.yaml")  # names by label, e.g. ImageFolder's
-            run.log_inputs(dataset_inputs(cfg.data.name, data))  # the UI's Dataset column
-        accuracy = fit(cfg, model, optimizer, train_split, test_split, run, progress, world)
+            # The UI's Dataset column.
+            run.log_inputs(dataset_inputs(cfg.data.name, data, cfg.data.val_size))
+        if trial is not None and run.run_id:
+            trial.note_run(run.run_id)
+        accuracy = fit(
+            cfg, model, optimizer, train_split, test_split, run, progress, world, val_split, trial
+        )
         if cfg.train.overfit_batches:
             per_epoch = batches_per_epoch(len(train_split), cfg.train.batch_size,
                                           cfg.train.limit_batches)  # fmt: skip
@@ -158,6 +172,16 @@ def log_results(
             run.register_model(cfg.tracking.register_as, cfg.tracking.register_alias)
 
 
+def search_trial(cfg: DictConfig) -> TrialReport | None:
+    """The search trial this sweep job runs (reports, pruning), or None outside a search."""
+    trial_id = sweep.handed_trial()
+    if trial_id is None:
+        return None
+    from cnnlab.search import job_trial  # Optuna: imported by a search's jobs only
+
+    return job_trial(trial_id, cfg.train.log_every)
+
+
 def build_model(
     cfg: DictConfig, data: Dataset, device: torch.device
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -194,19 +218,32 @@ def fit(
     run: Tracker | NullTracker,
     progress: Progress,
     world: World = distributed.SINGLE,
+    val_split: Split | None = None,
+    trial: TrialReport | None = None,
 ) -> float:
     """Train the epochs from `progress` on, logging as it goes; checkpoint each epoch and on a
-    stop. Under torchrun, rank 0 alone evaluates, logs and checkpoints (NaN elsewhere)."""
+    stop. Returns the selection accuracy: on `val_split` if given, else on `test_split`. Under
+    torchrun, rank 0 alone evaluates, logs and checkpoints (NaN elsewhere).
+
+    A search's `trial` gets that accuracy at each epoch's end and, where it prunes, at each
+    logged step; when its pruner says stop, the run is checkpointed as on Ctrl-C and
+    TrialPruned raised.
+    """
     # Metrics' step: mini-batches trained so far, as if each epoch had `per_epoch` of them.
     per_epoch = batches_per_epoch(len(train_split), cfg.train.batch_size, cfg.train.limit_batches)
+    selection = val_split if val_split is not None else test_split
+    prefix = "val" if val_split is not None else "test"  # its metrics' names
     accuracy = math.nan
     if progress.epoch >= cfg.train.epochs and world.main:  # a resumed run with no epoch left
-        accuracy = evaluate(model, test_split, cfg.train.eval_batch_size)[1]
+        accuracy = evaluate(model, selection, cfg.train.eval_batch_size)[1]
     show_bar = sys.stderr.isatty() and world.main
     step = training_step(cfg, model, optimizer, train_split, world)
     # The loss of an unfinished log window: each rank's losses are summed at the window's end.
     running = progress.running if world.main else 0.0
+    pruned: TrialPruned | None = None
     with interrupts.stop_requests() as stop, tempfile.TemporaryDirectory() as tmp:
+        # A pruned trial stops after the current mini-batch, the way a stop request does.
+        halt = stop if trial is None else lambda: pruned is not None or stop()
         last = Path(tmp) / "last.pt"
         for epoch in range(progress.epoch, cfg.train.epochs):
             resuming = f" (resuming at mini-batch {progress.batch + 1})" if progress.batch else ""
@@ -215,15 +252,22 @@ def fit(
             try:
                 for batch, loss in train_one_epoch(
                     step, cfg.train.log_every, show_bar, progress.batch, running,
-                    distributed.agreed(stop, world), batches=per_epoch,
+                    distributed.agreed(halt, world), batches=per_epoch,
                 ):  # fmt: skip
                     print(f"Loss after mini-batch {batch:5d}: {loss:.3f}")
                     run.log_metrics({"train_loss": loss}, step=epoch * per_epoch + batch)
+                    if trial is not None and trial.pruning and batch < per_epoch:
+                        at = epoch * per_epoch + batch  # (the epoch's end reports below)
+                        accuracy = evaluate_during_epoch(cfg, model, selection, prefix, run, at)
+                        pruned = trial.check(at, accuracy)
             except TrainingInterrupted as stopped:
                 if world.main:
                     progress = Progress(epoch, *stopped.args_for_resume())
                     checkpoint.save(last, model, optimizer, progress)
                     run.log_checkpoint(last)
+                if pruned is not None:
+                    print(f"Trial {pruned}")
+                    raise pruned from None  # the run ends KILLED, tagged PRUNED; resumable
                 # The run ends KILLED, resumable; another rank's signal stops this one too.
                 raise interrupts.Terminated(stop() or signal.SIGTERM) from None
             progress, running = Progress(epoch + 1), 0.0  # from its first batch, RNG as it is
@@ -231,12 +275,32 @@ def fit(
                 continue
             test_loss, accuracy = evaluate(model, test_split, cfg.train.eval_batch_size)
             print(f"Epoch {epoch + 1}: test loss {test_loss:.4f}, test accuracy {accuracy:.2%}")
-            run.log_metrics(
-                {"test_loss": test_loss, "test_accuracy": accuracy, "epoch": epoch + 1},
-                step=(epoch + 1) * per_epoch,
-            )
+            metrics = {"test_loss": test_loss, "test_accuracy": accuracy, "epoch": epoch + 1}
+            if val_split is not None:
+                val_loss, accuracy = evaluate(model, val_split, cfg.train.eval_batch_size)
+                print(f"Epoch {epoch + 1}: validation loss {val_loss:.4f}, "
+                      f"validation accuracy {accuracy:.2%}")  # fmt: skip
+                metrics.update(val_loss=val_loss, val_accuracy=accuracy)
+            at = (epoch + 1) * per_epoch
+            run.log_metrics(metrics, step=at)
             checkpoint.save(last, model, optimizer, progress)
             run.log_checkpoint(last)
+            final = epoch + 1 == cfg.train.epochs  # reported, but too late to prune
+            if trial is not None and (pruned := trial.check(at, accuracy, final)):
+                print(f"Trial {pruned}")
+                raise pruned  # after the epoch's checkpoint: the run ends KILLED, tagged PRUNED
+    return accuracy
+
+
+def evaluate_during_epoch(
+    cfg: DictConfig, model: torch.nn.Module, selection: Split, prefix: str,
+    run: Tracker | NullTracker, step: int,
+) -> float:  # fmt: skip
+    """Accuracy on the selection split mid-epoch (a pruned search's logged step), logged as
+    `prefix`_loss and _accuracy; the model is left training."""
+    loss, accuracy = evaluate(model, selection, cfg.train.eval_batch_size)
+    model.train()
+    run.log_metrics({f"{prefix}_loss": loss, f"{prefix}_accuracy": accuracy}, step=step)
     return accuracy
 
 
@@ -350,7 +414,9 @@ def resumed_run(
         raise CnnlabError(f"run {run.run_id} already trained all {cfg.train.epochs} epochs")
     # (Killed after its last epoch, e.g. while logging the model: fit has nothing left to
     # train, and the run is finished with its model.)
-    run.skip_logged_steps(["train_loss", "test_loss", "test_accuracy", "epoch"])
+    run.skip_logged_steps(
+        ["train_loss", "test_loss", "test_accuracy", "val_loss", "val_accuracy", "epoch"]
+    )
     run.fail_unfinished_models()  # a model a killed process left PENDING will never be READY
     run.set_running()  # also after a SIGKILL left it RUNNING
     return run, progress
@@ -396,6 +462,8 @@ def hydra_main(cfg: DictConfig) -> float:
     """The Hydra task: one job of a run or a sweep."""
     try:
         return train(cfg)
+    except TrialPruned:
+        raise  # not a failure: the search tells its study PRUNED
     except Exception as exc:
         if isinstance(exc.__cause__, CnnlabError):  # e.g. an optimizer's inside instantiate()
             exc = exc.__cause__
