@@ -149,3 +149,13 @@ def test_a_rank_killed_outright_fails_the_run_resumably(tiny_overrides, tmp_path
     assert "another rank" in run.data.tags["cnnlab.error"]
     # Resumable: the last epoch's checkpoint is there for train.resume.
     assert store.client.list_artifacts(run.info.run_id, "checkpoints")
+
+
+def test_a_sweep_under_torchrun_is_refused_before_any_rank_starts_it(
+    tiny_overrides, tmp_path, store
+):
+    done = torchrun(["-m", *tiny_overrides, "optimizer.lr=1e-3,1e-4"], tmp_path, standalone(2))
+    assert done.returncode != 0
+    assert "a sweep (-m) can't run under torchrun" in done.stderr
+    assert not store.runs()  # no parent run per rank, no run at all
+    assert not (tmp_path / "multirun").exists()

@@ -191,12 +191,14 @@ def test_val_size_zero_leaves_the_losses_unchanged(tiny_data, tmp_path):
         ("data.val_size=-1", "data.val_size=-1 is invalid: expected an integer >= 0"),
         ("data.val_size=600", "data.val_size=600 leaves no training samples"),
         ("hydra.sweeper.n_trials=0", "hydra.sweeper.n_trials=0 is invalid"),
+        ("optimizer.lr=interval(0.1,0.001)", "is an empty or reversed search space"),
+        ("train.batch_size=range(64,16)", "is an empty or reversed search space"),
     ],
 )
 def test_bad_search_settings_are_one_line_errors(tiny_data, tmp_path, override, message):
     overrides = [*data_overrides(*tiny_data), "hardware=cpu", "tracking.enabled=false",
                  *override.split()]  # fmt: skip
-    if override.startswith("hydra.sweeper."):
+    if override.startswith("hydra.sweeper.") or "(" in override:  # a search's setting
         overrides = ["-m", "hparams_search=optuna_convnet", "data.val_size=100", *overrides]
     done = cnnlab("train", *overrides, cwd=tmp_path)
     assert done.returncode == 1

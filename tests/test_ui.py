@@ -169,7 +169,7 @@ def open_run(page, ui: Ui, name: str = RUN_NAME) -> None:
     expect(page.get_by_role("heading", name=name)).to_be_visible()
 
 
-def test_the_experiment_opens_on_its_training_runs_with_their_datasets(ui: Ui, page):
+def test_the_model_training_view_lists_the_run_with_its_datasets(ui: Ui, page):
     from playwright.sync_api import expect
 
     open_runs(page, ui)

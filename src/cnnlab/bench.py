@@ -718,7 +718,7 @@ def ddp_probe() -> None:
             f"train.batch_size={batch_size}",
         ])  # fmt: skip
     device = distributed.rank_device(torch.device(device_type), world)
-    with distributed.local_main_first(world):
+    with distributed.in_turn(world):
         data = load_dataset(**data_arguments(cfg.data, launch_path(cfg.data.root)))
     train_split = on_device(data.train, device)
     batches = min(batches, -(-len(train_split) // batch_size))  # at most one epoch

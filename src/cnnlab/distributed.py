@@ -66,10 +66,14 @@ def world_from_env() -> World:
     return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def start(world: World, timeout_s: float = 600) -> None:
+def start(world: World, timeout_s: float = 4 * 3600) -> None:
     """Join the torchrun job's process group (nothing outside one): gloo for CPU tensors, and
     nccl for CUDA ones where there is a GPU, so rank 0 can hand the others a config or a
-    checkpoint whatever the device."""
+    checkpoint whatever the device.
+
+    `timeout_s` bounds a collective's wait: long, since the others wait while rank 0 alone
+    fetches the data or evaluates; a rank that dies is noticed at once anyway (its sockets
+    close)."""
     if not world.distributed or dist.is_initialized():
         return
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
@@ -159,14 +163,24 @@ def barrier() -> None:
 
 
 @contextmanager
-def local_main_first(world: World) -> Iterator[None]:
-    """Run the block on each node's local rank 0 first (it fetches and caches the data), then
-    on the other ranks (they read the cache): no two processes fetch into one folder."""
-    if world.local_rank != 0:
+def in_turn(world: World) -> Iterator[None]:
+    """Run the block on rank 0 first (it fetches and caches the data), then on each other
+    node's local rank 0 (a node without a shared filesystem fetches its own copy), then on the
+    rest (they read a cache): no two processes fetch into one folder at once."""
+    turn = 0 if world.rank == 0 else 1 if world.local_rank == 0 else 2
+    for _ in range(turn):
         barrier()
     yield
-    if world.local_rank == 0:
+    for _ in range(turn, 2):
         barrier()
+
+
+def same_rng(world: World) -> None:
+    """Give every rank rank 0's CPU RNG: the next epoch's order must be the same on all of
+    them, and a rank's own use of the RNG (dropout over its slice of a batch, a slice smaller
+    than another's) would have moved its own."""
+    if world.distributed:
+        torch.set_rng_state(broadcast(torch.get_rng_state()))
 
 
 def agreed(stop: Callable[[], Any], world: World) -> Callable[[], bool]:

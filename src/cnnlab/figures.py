@@ -151,9 +151,13 @@ def sweep_figure(key: str, points: Sequence[tuple[Any, float]], metric: str) -> 
 def sweep_figures(
     children: Sequence[Mapping[str, Any]], swept: Sequence[str], metric: str
 ) -> dict[str, Figure]:
-    """{artifact file: figure}: `metric` against each swept key, over the children that have
-    it (none if fewer than two do)."""
-    done = [c for c in children if _number(c["metrics"].get(metric)) is not None]
+    """{artifact file: figure}: `metric` against each swept key, over the children that
+    finished with it (none if fewer than two did): a pruned or failed run's last value is not
+    its final one."""
+    done = [
+        c for c in children
+        if c["status"] == "FINISHED" and _number(c["metrics"].get(metric)) is not None
+    ]  # fmt: skip
     if len(done) < 2:
         return {}
     return {

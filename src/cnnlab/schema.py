@@ -372,6 +372,9 @@ def _non_negative(v: Any) -> bool:
 
 # (key, check, what a valid value is). Keys absent from the chosen option (momentum under adam)
 # are skipped; the schema already rejects keys that don't exist anywhere.
+_NOT_IN_NAMES = "/:'\"\\"  # MLflow's registry refuses them or its filters break on them
+
+
 def _alias(value: str) -> bool:
     return (
         bool(re.fullmatch(r"[A-Za-z0-9_-]+", value))
@@ -428,8 +431,8 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ),
     (
         "tracking.register_as",
-        lambda v: bool(v.strip()) and "/" not in v and ":" not in v,
-        "a registered model name without / or :",
+        lambda v: bool(v.strip()) and not set(v) & set(_NOT_IN_NAMES),
+        f"a registered model name without any of {' '.join(_NOT_IN_NAMES)}",
     ),
     (
         "tracking.register_alias",

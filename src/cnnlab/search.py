@@ -57,7 +57,7 @@ from optuna.trial import TrialState
 
 from cnnlab import CnnlabError, TrialPruned, one_line
 from cnnlab.schema import PRUNERS
-from cnnlab.sweep import SEARCH_FILE, TRIAL_ENV, selection_metric
+from cnnlab.sweep import SEARCH_FILE, TRIAL_ENV, job_sweep_dir, selection_metric
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def job_trial(trial_id: str, log_every: int) -> TrialReport:
     """The trial with `trial_id` of this sweep job's study (cnnlab-study.json), pruned by
     hydra.sweeper.pruner."""
     hc = HydraConfig.get()
-    record = json.loads((Path(hc.sweep.dir) / STUDY_FILE).read_text())
+    record = json.loads((job_sweep_dir() / STUDY_FILE).read_text())
     pruner = build_pruner(hc.sweeper.pruner, hc.sweeper.pruners, log_every)
     study = optuna.load_study(
         study_name=record["study_name"],
@@ -378,7 +378,14 @@ def search_space(
     for override in parsed:
         key = override.get_key_element()
         if override.is_sweep_override():
-            space[key] = _distribution(override, where)
+            try:
+                space[key] = _distribution(override, where)
+            except (ValueError, IndexError) as exc:  # Optuna's bounds checks; an empty range
+                raise CnnlabError(
+                    f"{where}: {key}={override.get_value_element_as_str()} is an empty or "
+                    f"reversed search space ({one_line(exc) if str(exc) else 'no values'}); give "
+                    "interval(low, high) and range(start, stop) with low < high"
+                ) from None
         else:
             fixed[key] = override.get_value_element_as_str()
     return space, fixed

@@ -84,6 +84,9 @@ class SweepCallback(Callback):
         """Create the parent run before any job starts (and the store, so jobs never race)."""
         global _sweep_dir, _open_parent
         _sweep_dir = Path(config.hydra.sweep.dir)
+        # A search resumed in its folder: the jobs that failed before are not this sweep's.
+        for mark in _sweep_dir.glob(FAILED_MARK.format(num="*")):
+            mark.unlink(missing_ok=True)
         if not config.tracking.enabled:
             return
         launch_dir = Path.cwd()  # Hydra moves into a job's folder only when the job runs
@@ -171,7 +174,7 @@ def end_open_parent(status: str) -> bool:
 def record_failure(exc: BaseException) -> None:
     """Leave a mark in the sweep folder that this job failed, for the sweep's exit status."""
     hc = HydraConfig.get()
-    mark = Path(hc.sweep.dir) / FAILED_MARK.format(num=hc.job.num)
+    mark = job_sweep_dir() / FAILED_MARK.format(num=hc.job.num)
     mark.parent.mkdir(parents=True, exist_ok=True)
     mark.write_text(f"#{hc.job.num} {' '.join(hc.overrides.task)}\n{type(exc).__name__}: {exc}\n")
 
@@ -242,11 +245,18 @@ def in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def job_sweep_dir() -> Path:
+    """This job's sweep folder, also from a job run with hydra.job.chdir=true (hydra.sweep.dir
+    is relative to the launch folder, not to the job's)."""
+    hc = HydraConfig.get()
+    return Path(hc.runtime.cwd) / hc.sweep.dir
+
+
 def _sweep_record() -> dict[str, Any] | None:
     """What the launching process wrote in the sweep folder (parent run, swept keys), if any."""
     if not in_sweep():
         return None
-    record_file = Path(HydraConfig.get().sweep.dir) / SWEEP_FILE
+    record_file = job_sweep_dir() / SWEEP_FILE
     return json.loads(record_file.read_text()) if record_file.exists() else None
 
 

@@ -375,11 +375,20 @@ def register_model(client: MlflowClient, run_id: str, name: str, alias: str) -> 
     # The model's files, not its models:/ URI: a SQL registry resolves that URI through the
     # process's global tracking URI (MLflow's own TODO), which need not be this store's.
     source = client.get_logged_model(model_id).artifact_location
-    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    version = next((v for v in existing if v.source == source), None) or (
-        client.create_model_version(name, source, run_id=run_id, model_id=model_id)
-    )
-    client.set_registered_model_alias(name, alias, version.version)
+    try:
+        existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        version = next((v for v in existing if v.source == source), None) or (
+            client.create_model_version(name, source, run_id=run_id, model_id=model_id)
+        )
+        client.set_registered_model_alias(name, alias, version.version)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.get_http_status_code() >= 500:
+            raise  # the store fails: the journal retries
+        # Refused for good (a name or alias the registry rejects): a retry would hold the
+        # run's end back forever, so say so and go on.
+        print(f"warning: could not register run {run_id}'s model as {name}@{alias}: "
+              f"{one_line(exc)}", file=sys.stderr)  # fmt: skip
+        return 0
     print(f"Registered the model of run {run_id} as models:/{name}@{alias} (version "
           f"{version.version})")  # fmt: skip
     return int(version.version)
@@ -680,12 +689,14 @@ class Tracker:
         metrics = self.client.get_run(self.run_id).data._metric_objs  # latest point of each
         return max((m.step + 1 for m in metrics if m.key.startswith(prefix)), default=0)
 
-    def skip_logged_steps(self, keys: list[str]) -> None:
-        """Log none of `keys` at steps the run already has: a resumed run repeats no point."""
-        for key in keys:
-            history = self.client.get_metric_history(self.run_id, key)
-            if history:
-                self._logged_until[key] = max(m.step for m in history)
+    def skip_logged_steps(self) -> None:
+        """Log no metric at a step the run already has: a resumed run repeats no point."""
+        for metric in self.client.get_run(self.run_id).data._metric_objs:  # at its last step
+            self._logged_until[metric.key] = metric.step
+
+    def tags(self) -> dict[str, str]:
+        """The run's tags, as the store has them."""
+        return dict(self.client.get_run(self.run_id).data.tags)
 
     def fail_unfinished_models(self) -> None:
         """Mark FAILED the models this run left PENDING (a process killed while logging one)."""

@@ -23,7 +23,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab import CnnlabError, TrialPruned, checkpoint, distributed, interrupts, schema, sweep
+from cnnlab import (
+    CnnlabError,
+    TrialPruned,
+    checkpoint,
+    distributed,
+    interrupts,
+    one_line,
+    schema,
+    sweep,
+)
 from cnnlab.checkpoint import Progress
 from cnnlab.cli import CONF_DIR, launch_path, run_cli, store_uri
 from cnnlab.data import IDX_SETS, Dataset, Split, data_arguments, load_dataset
@@ -103,7 +112,7 @@ def _train(cfg: DictConfig, world: World, extra_tags: dict[str, str] | None) -> 
     # a joblib worker cores // parallel jobs: loky starts workers with OMP_NUM_THREADS so).
     device = distributed.rank_device(setup_hardware(cfg.hardware), world)
 
-    with distributed.local_main_first(world):  # one fetch per node, the others read its cache
+    with distributed.in_turn(world):  # no two ranks fetch into one folder at once
         data = load_dataset(**data_arguments(cfg.data, launch_path(cfg.data.root)))
     train_split, test_split = on_device(data.train, device), on_device(data.test, device)
     val_split = on_device(data.val, device) if data.val is not None else None
@@ -154,12 +163,6 @@ def log_results(
     if run.run_id is None:  # tracking.enabled=false
         return
     run.set_tags({"mlflow.note.content": description(cfg, data, accuracy)})
-    if cfg.tracking.log_figures:
-        guesses = predicted(model, test_split, cfg.train.eval_batch_size)
-        for name, figure in prediction_figures(
-            test_split.images, test_split.labels, guesses, data.classes
-        ).items():
-            run.log_figure(figure, name)
     if cfg.tracking.log_model:
         example = to_float(data.test.images[:2]).numpy()  # (2, C, H, W) in [0, 1]
         # For cnnlab-predict: class names, and whether dark-on-light images need inverting.
@@ -170,6 +173,14 @@ def log_results(
         run.log_model(model, example, requirements(), about)  # tags cnnlab.model_uri
         if cfg.tracking.register_as and not in_sweep():  # a sweep registers its best run's
             run.register_model(cfg.tracking.register_as, cfg.tracking.register_alias)
+    if cfg.tracking.log_figures:  # last, and never at the cost of the run: pictures only
+        guesses = predicted(model, test_split, cfg.train.eval_batch_size)
+        try:
+            drawn = prediction_figures(test_split.images, test_split.labels, guesses, data.classes)
+            for name, figure in drawn.items():
+                run.log_figure(figure, name)
+        except (ValueError, RuntimeError, OSError) as exc:  # e.g. a class name matplotlib can't
+            print(f"warning: no figures for this run: {one_line(exc)}", file=sys.stderr)
 
 
 def search_trial(cfg: DictConfig) -> TrialReport | None:
@@ -270,6 +281,7 @@ def fit(
                     raise pruned from None  # the run ends KILLED, tagged PRUNED; resumable
                 # The run ends KILLED, resumable; another rank's signal stops this one too.
                 raise interrupts.Terminated(stop() or signal.SIGTERM) from None
+            distributed.same_rng(world)  # a rank's dropout on its own slice moved its RNG
             progress, running = Progress(epoch + 1), 0.0  # from its first batch, RNG as it is
             if not world.main:
                 continue
@@ -414,9 +426,9 @@ def resumed_run(
         raise CnnlabError(f"run {run.run_id} already trained all {cfg.train.epochs} epochs")
     # (Killed after its last epoch, e.g. while logging the model: fit has nothing left to
     # train, and the run is finished with its model.)
-    run.skip_logged_steps(
-        ["train_loss", "test_loss", "test_accuracy", "val_loss", "val_accuracy", "epoch"]
-    )
+    run.skip_logged_steps()
+    if run.tags().get("cnnlab.trial_state") == "PRUNED":  # trained on now: no longer pruned
+        run.set_tags({"cnnlab.trial_state": "RESUMED"})
     run.fail_unfinished_models()  # a model a killed process left PENDING will never be READY
     run.set_running()  # also after a SIGKILL left it RUNNING
     return run, progress
@@ -473,6 +485,8 @@ def hydra_main(cfg: DictConfig) -> float:
             if nan_for_a_failed_job():
                 return float("nan")
             raise
+        if isinstance(exc, distributed.RankFailure):
+            sys.exit(1)  # said already, the moment it happened
         if isinstance(exc, CnnlabError):  # here, not in main(), so Hydra adds no report
             sys.exit(f"cnnlab-train: error: {exc}")
         raise
@@ -488,7 +502,14 @@ _QUIET_RANK = [
 
 def main() -> None:
     """Console entry point of cnnlab-train."""
-    if not world_from_env().main:
+    world = world_from_env()
+    if world.distributed and {"-m", "--multirun"} & set(sys.argv):
+        # Refused before Hydra starts: each rank would open a sweep of its own.
+        sys.exit(
+            "cnnlab-train: error: a sweep (-m) can't run under torchrun: each rank would run "
+            "the whole sweep; sweep without torchrun, or run one torchrun per configuration"
+        )
+    if not world.main:
         sys.argv += _QUIET_RANK
     run_cli("cnnlab-train", hydra_main)
 

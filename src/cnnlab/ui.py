@@ -13,6 +13,7 @@ training runs: MLflow 3's UI opens experiments on its GenAI view unless told oth
 from __future__ import annotations
 
 import argparse
+import socket
 import subprocess
 import sys
 import time
@@ -45,10 +46,11 @@ def serve(uri: str, host: str, port: int, timeout: float = 120) -> None:
         )
     check_store(uri)
     url = f"http://{host}:{port}"
+    _check_free(host, port)  # else another server's /health could pass for this one's
     log = db.parent / "cnnlab-ui.log"
     with log.open("ab") as out:
         server = subprocess.Popen(
-            [Path(sys.executable).with_name("mlflow"), "server", "--backend-store-uri", uri,
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
              "--artifacts-destination", str(artifacts_beside(db)), "--serve-artifacts",
              "--host", host, "--port", str(port), "--workers", "1"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
@@ -67,6 +69,16 @@ def serve(uri: str, host: str, port: int, timeout: float = 120) -> None:
                 server.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 server.kill()
+
+
+def _check_free(host: str, port: int) -> None:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise CnnlabError(
+                f"cannot serve on {host}:{port} ({exc.strerror}): pick another --port"
+            ) from None
 
 
 def _wait_until_up(server: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
