@@ -382,9 +382,9 @@ def search_space(
                 space[key] = _distribution(override, where)
             except (ValueError, IndexError) as exc:  # Optuna's bounds checks; an empty range
                 raise CnnlabError(
-                    f"{where}: {key}={override.get_value_element_as_str()} is an empty or "
-                    f"reversed search space ({one_line(exc) if str(exc) else 'no values'}); give "
-                    "interval(low, high) and range(start, stop) with low < high"
+                    f"{where}: {override.input_line} is an empty or reversed search space "
+                    f"({one_line(exc) if str(exc) else 'no values'}); give interval(low, high) "
+                    "and range(start, stop) with low < high"
                 ) from None
         else:
             fixed[key] = override.get_value_element_as_str()
