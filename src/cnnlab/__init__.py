@@ -1,5 +1,6 @@
 """cnnlab: Hydra + MLflow experiments for image classifiers in PyTorch."""
 
+import math
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -17,6 +18,15 @@ def one_line(exc: BaseException) -> str:
     # MLflow's exceptions keep their own words in .message; str() may prefix an error code.
     text = str(getattr(exc, "message", None) or exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+def finite_float(value: object) -> float | None:
+    """`value` as a finite float (a metric, a job's result, a swept value), else None."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 class TrialPruned(Exception):  # noqa: N818 - Optuna's name for the same event

@@ -7,13 +7,14 @@ choose, so a figure drawn in a sweep's worker process or thread touches nobody e
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+
+from cnnlab import finite_float
 
 GRID = 5  # misclassified.png shows up to GRID x GRID images
 ANNOTATE_UP_TO = 20  # classes: above this the confusion matrix has no numbers in its cells
@@ -117,20 +118,12 @@ def prediction_figures(
     }
 
 
-def _number(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def sweep_figure(key: str, points: Sequence[tuple[Any, float]], metric: str) -> Figure:
     """`metric` of each finished job against its value of the swept `key`: a scatter over a
     numeric key (log scale when it spans a decade or more), a strip per value otherwise."""
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
-    numbers = [_number(v) for v, _ in points]
+    numbers = [finite_float(v) for v, _ in points]
     if all(n is not None for n in numbers):
         ax.scatter(numbers, [m for _, m in points])
         positive = [n for n in numbers if n > 0]
@@ -156,7 +149,7 @@ def sweep_figures(
     its final one."""
     done = [
         c for c in children
-        if c["status"] == "FINISHED" and _number(c["metrics"].get(metric)) is not None
+        if c["status"] == "FINISHED" and finite_float(c["metrics"].get(metric)) is not None
     ]  # fmt: skip
     if len(done) < 2:
         return {}

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -55,7 +54,7 @@ from optuna.distributions import (
 )
 from optuna.trial import TrialState
 
-from cnnlab import CnnlabError, TrialPruned, one_line
+from cnnlab import CnnlabError, TrialPruned, finite_float, one_line
 from cnnlab.schema import PRUNERS
 from cnnlab.sweep import SEARCH_FILE, TRIAL_ENV, job_sweep_dir, selection_metric
 
@@ -241,7 +240,7 @@ class Search:
         """Tell the study how the trial's job ended: COMPLETE with its value, PRUNED, FAIL."""
         self.running.pop(trial.number, None)
         if ret.status == JobStatus.COMPLETED:
-            value = _as_float(ret._return_value)
+            value = finite_float(ret._return_value)
             if value is not None:
                 study.tell(trial, value)
                 return
@@ -457,14 +456,6 @@ def _launcher_slots(launcher: DictConfig) -> int:
 
 def _is_joblib(launcher: DictConfig) -> bool:
     return str(launcher.get("_target_", "")).endswith("JoblibLauncher")
-
-
-def _as_float(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 def _masked(url: str) -> str:
