@@ -101,40 +101,31 @@ class TrainStep:
         return total.item()
 
     def eager(self, idx: Tensor) -> None:
-        """The step as the article writes it, launched op by op."""
-        if self.world.distributed:
-            self._shared(idx)
-            return
-        self._zero_grad()
-        # index_select, not images[idx]: the same rows, without advanced indexing's overhead.
-        images = self.data.images.index_select(0, idx)
-        if self.augment is not None:
-            images = self.augment.apply(images, idx)
-        labels = self.data.labels.index_select(0, idx)
-        loss = F.cross_entropy(self.model(to_float(images)), labels)
-        loss.backward()
-        self._optimizer_step()
-        self.loss_sum.add_(loss.detach())
+        """The step as the article writes it, launched op by op.
 
-    def _shared(self, idx: Tensor) -> None:
-        """This rank's slice of the global batch `idx`; the gradients summed over the ranks.
-
-        Each rank's loss is its samples' summed loss over the global batch's size, so the
-        summed gradients are those of the global batch's mean loss: the step a single process
-        takes on all of `idx`, up to float rounding.
+        Under torchrun this rank trains its slice of the global batch `idx`. Its loss is its
+        samples' summed loss over the global batch's size, so the gradients summed over the
+        ranks are those of the global batch's mean loss: the step a single process takes on all
+        of `idx`, up to float rounding.
         """
         self._zero_grad()
-        mine = idx.tensor_split(self.world.size)[self.world.rank]
+        shared = self.world.distributed
+        mine = idx.tensor_split(self.world.size)[self.world.rank] if shared else idx
+        # index_select, not images[idx]: the same rows, without advanced indexing's overhead.
         images = self.data.images.index_select(0, mine)
         if self.augment is not None:
             images = self.augment.apply(images, mine)
         labels = self.data.labels.index_select(0, mine)
         logits = self.model(to_float(images))
-        loss = F.cross_entropy(logits, labels, reduction="sum") / idx.numel()
+        if shared:
+            loss = F.cross_entropy(logits, labels, reduction="sum") / idx.numel()
+        else:
+            loss = F.cross_entropy(logits, labels)  # the article's mean, bit for bit
         loss.backward()
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:  # one flat buffer (flat_parameters): one all-reduce
-                distributed.all_reduce_sum(p.grad)
+        if shared:
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:  # one flat buffer (flat_parameters): one all-reduce
+                    distributed.all_reduce_sum(p.grad)
         self._optimizer_step()
         self.loss_sum.add_(loss.detach())
 

@@ -685,9 +685,12 @@ class Tracker:
         return _download(self.client, self.run_id, artifact_path, dst)
 
     def next_step(self, prefix: str) -> int:
-        """The step after the last one any metric named `prefix`... has in the store."""
-        metrics = self.client.get_run(self.run_id).data._metric_objs  # latest point of each
-        return max((m.step + 1 for m in metrics if m.key.startswith(prefix)), default=0)
+        """The step after the last one any metric named `prefix`... has in the store (of a
+        resumed run: as skip_logged_steps read them)."""
+        return max(
+            (step + 1 for key, step in self._logged_until.items() if key.startswith(prefix)),
+            default=0,
+        )
 
     def skip_logged_steps(self) -> None:
         """Log no metric at a step the run already has: a resumed run repeats no point."""

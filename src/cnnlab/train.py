@@ -253,8 +253,11 @@ def fit(
     running = progress.running if world.main else 0.0
     pruned: TrialPruned | None = None
     with interrupts.stop_requests() as stop, tempfile.TemporaryDirectory() as tmp:
-        # A pruned trial stops after the current mini-batch, the way a stop request does.
-        halt = stop if trial is None else lambda: pruned is not None or stop()
+        # A pruned trial stops after the current mini-batch, the way a stop request does; under
+        # torchrun the ranks agree on the mini-batch.
+        halt = distributed.agreed(
+            stop if trial is None else lambda: pruned is not None or stop(), world
+        )
         last = Path(tmp) / "last.pt"
         for epoch in range(progress.epoch, cfg.train.epochs):
             resuming = f" (resuming at mini-batch {progress.batch + 1})" if progress.batch else ""
@@ -262,8 +265,8 @@ def fit(
             torch.set_rng_state(progress.rng)  # an epoch cut short re-draws the same order
             try:
                 for batch, loss in train_one_epoch(
-                    step, cfg.train.log_every, show_bar, progress.batch, running,
-                    distributed.agreed(halt, world), batches=per_epoch,
+                    step, cfg.train.log_every, show_bar, progress.batch, running, halt,
+                    batches=per_epoch,
                 ):  # fmt: skip
                     print(f"Loss after mini-batch {batch:5d}: {loss:.3f}")
                     run.log_metrics({"train_loss": loss}, step=epoch * per_epoch + batch)
