@@ -29,7 +29,7 @@ import pytest
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from cnnlab.data import FILES
+from cnnlab.catalog import FILES
 from procs import free_port, stop_group, wait_until  # free_port: tests import it from here
 
 REPO = Path(__file__).resolve().parents[1]

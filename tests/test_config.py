@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cnnlab import models, schema
-from cnnlab.train import CONF_DIR
+from cnnlab.cli import CONF_DIR
 from helpers import BIN, cli_env
 
 GROUPS = {

@@ -24,7 +24,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import cnnlab.data as data_module
-from cnnlab.data import FILES, DataError, data_arguments, dataset_files, load_dataset, parse_idx
+from cnnlab.catalog import FILES, dataset_files
+from cnnlab.data import DataError, data_arguments, load_dataset, parse_idx
 from cnnlab.schema import ConfigError, typed_config, validate
 from helpers import (
     data_overrides,

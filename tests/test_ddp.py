@@ -13,7 +13,7 @@ import torch
 
 from helpers import BIN, Running, Store, cli_env, cnnlab, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration  # torchrun
 
 TORCHRUN = BIN / "torchrun"
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import getpass
 import signal
 
+import pytest
+
 from helpers import Running, Store, cli_env, cnnlab, one_error_line, train_in_process
 
 
@@ -62,6 +64,7 @@ def test_fast_honours_an_explicit_store_and_tags_the_experiment(tiny_overrides, 
     assert params["train.limit_batches"] == "1" and params["train.epochs"] == "1"
 
 
+@pytest.mark.integration  # 300 epochs
 def test_overfit_passes_for_a_model_that_learns(tiny_overrides, tmp_path, store):
     # The default config's own optimizer, the article's Adam 1e-4, over the preset's epochs.
     done = cnnlab("train", *preset_runs(tiny_overrides), "debug=overfit", cwd=tmp_path)
@@ -107,14 +110,16 @@ LIMITED = [
 
 def test_limit_batches_sets_the_step_numbers_of_every_metric(tiny_data, tmp_path):
     store, run_id = train_in_process(tmp_path, tiny_data, *LIMITED)
-    # 7 mini-batches an epoch (of 60): losses after batches 3 and 6 of each, test metrics at 7.
-    assert [step for step, _ in store.history(run_id, "train_loss")] == [3, 6, 10, 13]
+    # 7 mini-batches an epoch (of 60): losses after batches 3 and 6 of each, and the 7th's
+    # own (the epoch's last, partial window) at the epoch's end; test metrics at 7.
+    assert [step for step, _ in store.history(run_id, "train_loss")] == [3, 6, 7, 10, 13, 14]
     for key in ("test_loss", "test_accuracy", "epoch"):
         assert [step for step, _ in store.history(run_id, key)] == [7, 14], key
     for _, accuracy in store.history(run_id, "test_accuracy"):
         assert abs(accuracy * 7 - round(accuracy * 7)) < 1e-9  # of the first 7 test images
 
 
+@pytest.mark.integration  # a stopped run, resumed
 def test_a_limited_run_resumes_mid_epoch_as_if_never_stopped(tiny_data, tiny_overrides, tmp_path,
                                                              store):  # fmt: skip
     extra = ["train.epochs=2", "train.limit_batches=40", "train.log_every=5",

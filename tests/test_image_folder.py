@@ -85,6 +85,7 @@ def test_predict_names_the_class_of_a_colour_photo(shapes):
     assert "inverted" not in done.stdout  # colour photos are taken as they are
 
 
+@pytest.mark.integration  # a second run (test_reproduce reproduces by default)
 def test_reproduce_rebuilds_the_split_and_augmentations_bit_identically(shapes):
     done = cnnlab("reproduce", shapes["run"].info.run_id, shapes["uri"], cwd=shapes["home"])
     assert done.returncode == 0, done.stdout + done.stderr

@@ -23,7 +23,8 @@ def test_train_one_epoch_yields_window_means_at_batch_numbers():
     step = TrainStep(model, optimizer, data, batch_size=10)
     rng = torch.get_rng_state()
     logged = list(train_one_epoch(step, log_every=3))
-    assert [batch for batch, _ in logged] == [3, 6, 9]  # 10 batches, the last one of 5 samples
+    # 10 batches, the last one of 5 samples; the 10th alone is the last, partial window
+    assert [batch for batch, _ in logged] == [3, 6, 9, 10]
 
     torch.set_rng_state(rng)  # the same epoch order again
     order = epoch_order(95)
@@ -36,7 +37,7 @@ def test_train_one_epoch_yields_window_means_at_batch_numbers():
         loss.backward()
         plain.step()
         losses.append(loss.item())
-    windows = [sum(losses[i : i + 3]) / 3 for i in (0, 3, 6)]
+    windows = [sum(losses[i : i + 3]) / 3 for i in (0, 3, 6)] + [losses[9]]
     assert [loss for _, loss in logged] == pytest.approx(windows, abs=1e-6)
 
 

@@ -8,7 +8,7 @@ import torch
 from cnnlab.tracking import load_model
 from helpers import Store, cnnlab
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.integration, pytest.mark.server]
 
 
 def test_a_run_goes_to_the_server_with_one_setting(tiny_overrides, tmp_path, mlflow_server):

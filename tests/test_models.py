@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import pytest
 import torch
 
 from cnnlab import CnnlabError, reference
+from cnnlab import schema as schemas
 from cnnlab.models import MLP, ConvNet, ModelConfigError, TorchvisionNet
 
 
@@ -73,3 +77,27 @@ def test_a_torchvision_model_that_cannot_be_built_is_one_line(arguments, message
 def test_a_torchvision_builders_unknown_keyword_is_one_config_error():
     with pytest.raises(ModelConfigError, match="^model.kwargs for resnet18: .*'dropout'"):
         TorchvisionNet("resnet18", (1, 28, 28), 10, kwargs={"dropout": 0.1})
+
+
+@pytest.mark.parametrize(
+    ("model", "schema"),
+    [
+        (ConvNet, "ConvNetConf"),
+        (MLP, "MLPConf"),
+        (TorchvisionNet, "TorchvisionConf"),
+    ],
+)
+def test_schema_defaults_are_the_constructors(model, schema):
+    # The schema writes the defaults out (composing must not import torch); a model built from
+    # a config must still be the one its class builds by default.
+    conf = getattr(schemas, schema)()
+    signature = inspect.signature(model).parameters
+    for f in dataclasses.fields(conf):
+        if f.name.startswith("_") or f.name not in signature:
+            continue
+        default = signature[f.name].default
+        if default in (inspect.Parameter.empty, None):  # None: the schema's empty dict
+            continue
+        if isinstance(default, tuple):
+            default = list(default)
+        assert getattr(conf, f.name) == default, f.name

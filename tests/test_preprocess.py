@@ -112,7 +112,7 @@ def test_normalization_is_the_models_first_layer():
     assert {"mean", "std"} <= set(model.state_dict())  # saved with the weights
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_normalized_augmented_run_logs_a_model_that_scores_the_same(
     tiny_overrides, tmp_path, store: Store
 ):

@@ -22,7 +22,7 @@ import pytest
 from helpers import Running, Store, cli_env, cnnlab, free_port, one_error_line, unavailable
 from ray_head import RayHead
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.xdist_group("ray")]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.xdist_group("ray")]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -8,7 +8,7 @@ import pytest
 
 from helpers import SHARED_MNIST, Store, cnnlab
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration  # the real MNIST
 
 
 @pytest.fixture

@@ -73,6 +73,7 @@ def assert_complete(client: MlflowClient, run_id: str, training: Running, epochs
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 
+@pytest.mark.integration
 @pytest.mark.server
 def test_a_server_killed_mid_run_and_back_before_the_end_gets_everything(
     tiny_overrides, tmp_path, server
@@ -95,6 +96,7 @@ def test_a_server_killed_mid_run_and_back_before_the_end_gets_everything(
     assert not (tmp_path / "cnnlab-pending").exists()  # delivered: nothing left behind
 
 
+@pytest.mark.integration
 @pytest.mark.server
 def test_a_server_gone_until_the_end_keeps_the_logs_for_cnnlab_sync(
     tiny_overrides, tmp_path, server
@@ -127,6 +129,7 @@ def test_a_server_gone_until_the_end_keeps_the_logs_for_cnnlab_sync(
     assert not pending.exists()
 
 
+@pytest.mark.integration
 @pytest.mark.server
 def test_a_hanging_server_never_stalls_training(tiny_overrides, tmp_path, server):
     server, experiment = server
@@ -151,6 +154,7 @@ def test_a_hanging_server_never_stalls_training(tiny_overrides, tmp_path, server
     proxy.close()
 
 
+@pytest.mark.integration
 @pytest.mark.server
 def test_a_password_in_the_tracking_uri_is_used_and_never_written(tiny_overrides, tmp_path, server):
     server, experiment = server
@@ -188,6 +192,7 @@ def test_a_password_in_the_tracking_uri_is_used_and_never_written(tiny_overrides
     proxy.close()
 
 
+@pytest.mark.integration  # a real failure mid-run, then recovery
 def test_sigterm_while_the_model_is_logged_ends_the_run_and_resume_finishes_it(
     tiny_overrides, tmp_path, store
 ):
@@ -208,6 +213,7 @@ def test_sigterm_while_the_model_is_logged_ends_the_run_and_resume_finishes_it(
         assert run.info.status == "FINISHED" and "cnnlab.model_uri" in run.data.tags
 
 
+@pytest.mark.integration  # a real failure mid-run, then recovery
 def test_resume_marks_a_model_left_pending_failed(tiny_data, tmp_path):
     store, run_id = train_in_process(tmp_path, tiny_data, "train.epochs=2")
     client, run = store.client, store.only_run()
@@ -224,6 +230,7 @@ def test_resume_marks_a_model_left_pending_failed(tiny_data, tmp_path):
     assert client.get_logged_model(latest).status == LoggedModelStatus.READY
 
 
+@pytest.mark.integration  # a sweep
 def test_chdir_jobs_share_the_launch_folders_store_and_data(tiny_data, tmp_path):
     root, md5 = tiny_data
     (tmp_path / "data").symlink_to(root, target_is_directory=True)  # data.root=data, relative
@@ -245,6 +252,7 @@ def test_chdir_jobs_share_the_launch_folders_store_and_data(tiny_data, tmp_path)
         assert not list((tmp_path / folder).rglob("cnnlab-pending"))
 
 
+@pytest.mark.integration  # a real failure mid-run, then recovery
 def test_a_full_disk_during_a_run_is_one_line_and_keeps_what_was_logged(
     tiny_overrides, tmp_path, store
 ):

@@ -38,6 +38,7 @@ def test_reproduce_reruns_the_logged_config_to_identical_numbers(logged_run, tmp
     assert store.history(copy.info.run_id, "train_loss") == store.history(run_id, "train_loss")
 
 
+@pytest.mark.integration  # three reproductions
 def test_reproduce_with_an_override_and_a_mismatch(logged_run, tmp_path):
     store, run_id = logged_run
     more, _ = reproduce(store, run_id, tmp_path, "train.epochs=3")

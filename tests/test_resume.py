@@ -15,12 +15,16 @@ EXTRA = ["train.epochs=2", "train.log_every=5", "tracking.log_model=false"]
 
 def interrupted(args: list[str], cwd: Path, after: str, sig: int, epoch: int = 1) -> int:
     """Start a run, send `sig` at a stdout line starting with `after` in `epoch`; its exit code."""
+    return interrupted_run(args, cwd, after, sig, epoch).finish(timeout=120)[0]
+
+
+def interrupted_run(args: list[str], cwd: Path, after: str, sig: int, epoch: int = 1) -> Running:
+    """The run `interrupted` starts and stops (finish() it for its exit status and output)."""
     training = Running(args, cwd)
     training.wait_for(f"Starting epoch {epoch}")
     training.wait_for(after)
     training.proc.send_signal(sig)
-    code, _ = training.finish(timeout=120)
-    return code
+    return training
 
 
 def resume(store: Store, run_id: str, cwd: Path, *extra: str):
@@ -35,17 +39,27 @@ def unbroken(tiny_data, tmp_path_factory):
     return store.history(run_id, "train_loss"), store.history(run_id, "test_accuracy")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.integration)]
+)
 def test_stopped_mid_epoch_then_resumed_logs_the_unbroken_losses(
     tiny_overrides, tmp_path, store, unbroken, sig
 ):
-    code = interrupted([*tiny_overrides, *EXTRA], tmp_path, "Loss after mini-batch    25", sig)
+    stopped = interrupted_run(
+        [*tiny_overrides, *EXTRA], tmp_path, "Loss after mini-batch    25", sig
+    )
+    code, _ = stopped.finish(timeout=120)
     assert code == 128 + sig  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
     run = store.only_run()
     assert run.info.status == "KILLED"
     assert len(store.history(run.info.run_id, "train_loss")) < len(unbroken[0])
 
-    done = resume(store, run.info.run_id, tmp_path)
+    # The stopped run says how to continue it (its store is the launch folder's mlflow.db, which
+    # every command opens by default); that command, as printed, continues it.
+    hint = next(line for line in stopped.lines if "continue it:" in line)
+    command = hint.split("continue it:", 1)[1].split()
+    assert command == ["cnnlab-train", f"train.resume={run.info.run_id}"]
+    done = cnnlab("train", *command[1:], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     # It stopped at the first mini-batch boundary after the signal, and goes on from there.
     assert int(re.search(r"resuming at mini-batch (\d+)", done.stdout)[1]) > 25
@@ -55,6 +69,7 @@ def test_stopped_mid_epoch_then_resumed_logs_the_unbroken_losses(
     assert store.history(run.info.run_id, "test_accuracy") == unbroken[1]
 
 
+@pytest.mark.integration  # a real failure mid-run, then recovery
 def test_a_sigkilled_run_left_running_resumes_from_its_last_epoch(
     tiny_overrides, tmp_path, store, unbroken
 ):

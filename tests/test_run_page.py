@@ -96,6 +96,7 @@ def test_an_existing_experiment_becomes_a_training_one_unless_it_has_a_kind(tmp_
     assert client.get_experiment(mine).tags[KIND] == "genai_development"  # a user's choice stays
 
 
+@pytest.mark.integration  # three runs and the registry
 def test_register_as_registers_each_run_and_moves_the_alias(tmp_path, tiny_data, tiny_overrides):
     folder = tmp_path / "a"
     folder.mkdir()
@@ -128,7 +129,7 @@ def test_register_as_registers_each_run_and_moves_the_alias(tmp_path, tiny_data,
     assert "digit.png: class " in predicted.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_sweep_registers_only_its_best_run_and_plots_each_swept_key(tmp_path, tiny_overrides):
     store = Store(next(o for o in tiny_overrides if o.startswith("tracking.uri="))[13:])
     done = cnnlab(
@@ -151,6 +152,7 @@ def test_registering_needs_a_logged_model(compose_cfg):
         schema.validate(compose_cfg(["tracking.register_as=x", "tracking.log_model=false"]))
 
 
+@pytest.mark.integration
 @pytest.mark.server
 def test_cnnlab_ui_serves_the_store_and_links_its_training_view(tmp_path, tiny_data):
     store, run_id = train_in_process(tmp_path, tiny_data)

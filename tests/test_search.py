@@ -100,7 +100,7 @@ def assert_hopeless_trials_pruned(
     assert sum(int(r["minibatches"]) for r in history) == parent.data.metrics["search_minibatches"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_hopeless_learning_rates_are_pruned_early(tiny_overrides, tmp_path, store):
     done = search([*tiny_overrides, *tiny_search(tmp_path)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]  # pruning is not failure
@@ -108,7 +108,7 @@ def test_hopeless_learning_rates_are_pruned_early(tiny_overrides, tmp_path, stor
     assert_hopeless_trials_pruned(store, tmp_path / "search", tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_joblib_workers_are_pruned_through_the_storage(tiny_overrides, tmp_path, store):
     done = search(
         [*tiny_overrides, *tiny_search(tmp_path), "hydra/launcher=joblib",
@@ -123,7 +123,7 @@ def test_joblib_workers_are_pruned_through_the_storage(tiny_overrides, tmp_path,
     assert sorted(int(p.name) for p in (tmp_path / "search").iterdir() if p.is_dir()) == [*range(6)]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_stopped_search_resumes_to_its_trial_count(tiny_overrides, tmp_path, store):
     args = ["-m", *tiny_overrides, *tiny_search(tmp_path), "train.epochs=3"]
     first = Running(args, tmp_path)

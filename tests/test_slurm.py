@@ -28,7 +28,7 @@ from helpers import (
 )
 from slurm import SlurmCluster, SlurmError
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.xdist_group("slurm")]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.xdist_group("slurm")]
 
 
 @pytest.fixture(scope="module")

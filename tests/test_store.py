@@ -45,6 +45,7 @@ def store_with_a_run(db: Path, cache: Path, monkeypatch) -> str:
     return uri
 
 
+@pytest.mark.integration  # a real failure mid-run, then recovery
 def test_a_full_disk_leaves_no_half_store_and_the_next_run_succeeds(
     tiny_overrides, tmp_path, cache, monkeypatch
 ):

@@ -10,8 +10,6 @@ import pytest
 
 from helpers import Store, cnnlab
 
-pytestmark = pytest.mark.slow
-
 
 def sweep(args: list[str], cwd: Path):
     return cnnlab("train", "-m", *args, cwd=cwd, timeout=900)
@@ -64,6 +62,7 @@ def test_a_sweep_is_one_parent_with_named_children_and_a_summary(tiny_overrides,
     assert jobs == ["0", "1", "2", "3"]
 
 
+@pytest.mark.integration
 def test_jobs_failing_before_their_run_exists_still_fail_the_sweep(tiny_overrides, tmp_path, store):
     # batch_size=0 fails validation before any run is opened; tracking is off altogether.
     done = sweep([*tiny_overrides, "train.batch_size=0,10", "tracking.enabled=false"], tmp_path)
@@ -72,6 +71,7 @@ def test_jobs_failing_before_their_run_exists_still_fail_the_sweep(tiny_override
     assert "Epoch 1: test loss" in done.stdout  # the other job still ran
 
 
+@pytest.mark.integration
 def test_parallel_jobs_on_sqlite_lose_nothing(tiny_overrides, tmp_path, store):
     seeds = ",".join(str(s) for s in range(1, 9))
     done = sweep(
@@ -93,6 +93,7 @@ def test_parallel_jobs_on_sqlite_lose_nothing(tiny_overrides, tmp_path, store):
     assert sorted(r.data.params["train.seed"] for r in children) == sorted(seeds.split(","))
 
 
+@pytest.mark.integration
 def test_optuna_search_records_failed_trials_and_goes_on(tiny_overrides, tmp_path, store):
     # A preset on top of the shipped one whose lr choices include one that always diverges.
     preset = tmp_path / "conf" / "hparams_search"

@@ -22,7 +22,7 @@ from helpers import (
     synthetic_split,
 )
 
-pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.xdist_group("team-server")]
+pytestmark = [pytest.mark.integration, pytest.mark.server, pytest.mark.xdist_group("team-server")]
 
 USER, SECRET = "alice", "t3am-Pa55word"
 RUN_ID = re.compile(r"\(([0-9a-f]{32})\)")

@@ -28,7 +28,7 @@ from PIL import Image
 from helpers import Running, Store, cli_env, cnnlab, data_overrides, free_port, unavailable
 from procs import stop_group
 
-pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.xdist_group("ui")]
+pytestmark = [pytest.mark.integration, pytest.mark.server, pytest.mark.xdist_group("ui")]
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; Playwright never downloads a browser
 CHROMIUM_ARGS = [

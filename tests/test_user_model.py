@@ -98,6 +98,7 @@ def test_a_user_model_trains_from_a_config_dir_with_its_own_keys(user, user_run)
     assert "cnnlab.model_uri" in run.data.tags
 
 
+@pytest.mark.integration  # a second run (test_reproduce reproduces by default)
 def test_a_user_model_reproduces_bit_identically(user, user_run):
     done = user.run("reproduce", user_run, user.uri)  # no --config-dir: the logged config is all
     assert done.returncode == 0, done.stderr
@@ -199,7 +200,7 @@ def resnet_run(tiny_data, tmp_path_factory) -> tuple[Store, str]:
     )
 
 
-@pytest.mark.slow  # ResNet-18's 11M parameters: checkpoints and the model are ~180 MB per run
+@pytest.mark.integration  # ResNet-18: checkpoints and the model are ~180 MB per run
 def test_resnet18_trains_reproduces_and_evaluates_on_one_channel_images(
     resnet_run, tiny_data, tmp_path
 ):

@@ -12,6 +12,13 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 class CnnlabError(Exception):
     """A problem the user can fix (bad config, missing data, unreachable store): one line."""
 
+    already_said = False  # True: reported where it happened; the command exits 1 without a line
+
+
+# What installs the optional features (SLURM and Ray launchers, a PostgreSQL store), for the
+# one line that says so when one is asked for without it.
+CLUSTER_EXTRA = "pip install -e '.[cluster]'"
+
 
 def one_line(exc: BaseException) -> str:
     """Any exception as one line for an error message: its class and its message's first line."""

@@ -15,6 +15,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import math
 import os
 import platform
 import select
@@ -35,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab import CnnlabError, reference, schema
+from cnnlab import CLUSTER_EXTRA, CnnlabError, reference, schema
 from cnnlab import train as train_module
-from cnnlab.cli import CONF_DIR, compose_config, launch_path, run_cli
+from cnnlab.cli import CONF_DIR, compose_config, launch_path
 from cnnlab.data import Dataset, Split, data_arguments, load_dataset
 from cnnlab.figures import prediction_figures
 from cnnlab.hardware import setup_hardware
@@ -47,9 +48,9 @@ from cnnlab.preprocess import FLOAT_BUDGET, on_device, to_float
 from cnnlab.provenance import flatten
 from cnnlab.reference import article_training
 from cnnlab.step import flat_parameters, optimizer_step
+from cnnlab.store import check_reachable
 from cnnlab.tracking import (
     Tracker,
-    check_reachable,
     closing_run,
     create_run,
     find_runs,
@@ -467,10 +468,13 @@ _BIG_IMPORTS = ("import torch", "import torchvision", "import mlflow")
 
 
 def section_startup(cfg: DictConfig, data: Dataset, device: torch.device) -> list[str]:
-    """Seconds from process start to the first training step, by phase, in fresh processes."""
+    """What a user waits for, in fresh processes: `cnnlab-train --help`, a config error and the
+    default run's first training step, beside `python -c "import torch"`; then the first
+    step's start-up by phase."""
+    lines = startup_commands(cfg)
     folder = Path(tempfile.mkdtemp(prefix="cnnlab-bench-"))
     env = dict(os.environ, XDG_CACHE_HOME=str(folder / "cache"))  # no pre-migrated store yet
-    lines = ["Start-up, process start to first training step (seconds):"]
+    lines.append("Start-up, process start to first training step, by phase (seconds):")
     for label, store in (
         ("new store, first ever", "a.db"),
         ("new store, template cached", "b.db"),
@@ -489,6 +493,55 @@ def section_startup(cfg: DictConfig, data: Dataset, device: torch.device) -> lis
             + f"  | beyond torch/torchvision/mlflow imports {beyond:.2f}"
         )
     return lines
+
+
+def startup_commands(cfg: DictConfig) -> list[str]:
+    """Wall seconds of whole commands, medians of bench.rounds alternating rounds, each round in
+    a new launch folder: the first step is the default run's (train.log_every=1 makes it print
+    a loss after its first mini-batch; the data cached, the store new), stopped there."""
+    script = Path(sys.executable).with_name("cnnlab-train")
+    train = [str(script)] if script.exists() else [sys.executable, "-m", "cnnlab.train_cli"]
+    root = f"data.root={launch_path(cfg.data.root)}"
+
+    def wall(*args: str) -> Callable[[], float]:
+        def timed() -> float:
+            with tempfile.TemporaryDirectory(prefix="cnnlab-bench-") as folder:
+                start = time.perf_counter()
+                subprocess.run(args, cwd=folder, capture_output=True, check=False)
+                return time.perf_counter() - start
+
+        return timed
+
+    def first_step() -> float:
+        with tempfile.TemporaryDirectory(prefix="cnnlab-bench-") as folder:
+            start = time.perf_counter()
+            run = subprocess.Popen(
+                [*train, root, "train.log_every=1"], cwd=folder, text=True,
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            seconds = math.nan
+            for line in run.stdout:
+                if line.startswith("Loss after mini-batch"):
+                    seconds = time.perf_counter() - start
+                    break
+            run.send_signal(signal.SIGTERM)  # the run ends KILLED, as on Ctrl-C
+            run.communicate(timeout=120)
+            return seconds
+
+    first_step()  # once untimed: the data decoded and cached, the store template made
+    timed = alternate(
+        cfg.bench.rounds,
+        {
+            "import torch": wall(sys.executable, "-c", "import torch"),
+            "cnnlab-train --help": wall(*train, "--help"),
+            "config error": wall(*train, "train.batch_size=-1"),
+            "first training step": first_step,
+        },
+    )
+    return [
+        f"Start-up of whole commands (seconds, median of {cfg.bench.rounds}; fresh processes):",
+        *(f"  {side:22s} {timed.median(side):6.2f}" for side in timed),
+    ]
 
 
 # Run with `python -c` in a fresh interpreter, so each import is timed from a cold start; it
@@ -879,7 +932,7 @@ def _engine_missing(name: str) -> str | None:
     """Why launcher `name` can't be measured here, or None."""
     needs = {"slurm": "hydra_plugins.hydra_submitit_launcher", "ray": "ray"}
     if name in needs and importlib.util.find_spec(needs[name]) is None:
-        return "not installed: pip install -e '.[cluster]'"
+        return f"not installed: {CLUSTER_EXTRA}"
     if name == "slurm":
         try:
             state = subprocess.run(
@@ -926,17 +979,3 @@ def run_bench(cfg: DictConfig) -> None:
         print()
         for line in SECTIONS[name](cfg, data, device):
             print(line, flush=True)
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
-def hydra_main(cfg: DictConfig) -> None:
-    """The Hydra task behind cnnlab-bench."""
-    try:
-        run_bench(cfg)
-    except CnnlabError as exc:
-        sys.exit(f"cnnlab-bench: error: {exc}")
-
-
-def main() -> None:
-    """Console entry point of cnnlab-bench."""
-    run_cli("cnnlab-bench", hydra_main)

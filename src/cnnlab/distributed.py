@@ -36,6 +36,8 @@ from cnnlab.checkpoint import Progress
 class RankFailure(CnnlabError):
     """Another rank of the torchrun job stopped (killed, crashed, its node lost)."""
 
+    already_said = True  # each rank says it the moment it notices
+
 
 @dataclass(frozen=True)
 class World:

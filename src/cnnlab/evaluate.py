@@ -18,17 +18,18 @@ from __future__ import annotations
 import argparse
 
 from cnnlab import schema
-from cnnlab.cli import command, compose_config, launch_path, store_uri
-from cnnlab.data import data_arguments, load_dataset
-from cnnlab.loop import evaluate
-from cnnlab.predict import add_trust_store
-from cnnlab.tracking import load_model, run_config
+from cnnlab.cli import add_trust_store, command, compose_config, launch_path, store_uri
 
 
 def evaluate_logged(
     model_ref: str, overrides: list[str], trust_store: bool = False
 ) -> tuple[float, float]:
     """Test loss and accuracy of a logged model on the configured dataset's test split."""
+    # Imported here, not above: `cnnlab-eval --help` and a bad argument answer without them.
+    from cnnlab.data import data_arguments, load_dataset
+    from cnnlab.loop import evaluate
+    from cnnlab.tracking import load_model, run_config
+
     # Without data=..., the data is the run's own: data.* overrides apply to it, not to the
     # default MNIST (data.split=letters means something for an EMNIST run only).
     switched = any(o.startswith("data=") for o in overrides)

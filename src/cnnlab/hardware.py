@@ -1,13 +1,15 @@
 """The process's hardware settings for a run: device, torch threads, determinism.
 
 hardware.threads=0 means "the CPUs this job was given": a Ray task's CPU resources, a SLURM
-job's cpus-per-task, else torch's default. Jobs of a joblib sweep need no arithmetic here:
-joblib's loky workers start with OMP_NUM_THREADS/MKL_NUM_THREADS = cores // jobs, which torch
-follows.
+job's cpus-per-task, else torch's default; under torchrun, that shared by the node's ranks
+(torchrun sets OMP_NUM_THREADS=1 and warns that it should be tuned: this is the tuning). Jobs of
+a joblib sweep need no arithmetic here: joblib's loky workers start with
+OMP_NUM_THREADS/MKL_NUM_THREADS = cores // jobs, which torch follows.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -19,15 +21,19 @@ from cnnlab.step import check_cuda_graphs
 
 _DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before any job changes it
 
+log = logging.getLogger(__name__)
+
 
 def setup_hardware(hardware: DictConfig) -> torch.device:
     """Apply hardware.threads (0: the job's CPUs) and determinism; the device to train on."""
     # Set both ways every time: jobs of a sweep share this process.
-    torch.set_num_threads(hardware.threads or allotted_cpus() or _DEFAULT_THREADS)
+    torch.set_num_threads(hardware.threads or rank_share(allotted_cpus()) or _DEFAULT_THREADS)
     if hardware.deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; harmless on the CPU.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(bool(hardware.deterministic))
+    if torch.are_deterministic_algorithms_enabled() != bool(hardware.deterministic):
+        # Only on a change: the call imports torch's compiler stack (~1.5 s of start-up).
+        torch.use_deterministic_algorithms(bool(hardware.deterministic))
     name = hardware.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,3 +68,18 @@ def allotted_cpus() -> int | None:
     # At most torch's default: a joblib worker inside an allocation shares its CPUs (loky set
     # OMP_NUM_THREADS = cores // jobs, which that default follows).
     return min(int(slurm), _DEFAULT_THREADS)
+
+
+def rank_share(cpus: int | None) -> int | None:
+    """Under torchrun, each rank's share of `cpus` (None: this machine's) among the node's
+    ranks; outside it `cpus` as given."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    if ranks < 1 or "RANK" not in os.environ:
+        return cpus
+    available = cpus or len(os.sched_getaffinity(0))
+    share = max(1, available // ranks)
+    log.info(
+        "torchrun: %d rank(s) on this node share %d CPUs: %d torch thread(s) each "
+        "(hardware.threads=N sets another count)", ranks, available, share,
+    )  # fmt: skip
+    return share

@@ -57,7 +57,8 @@ def train_one_epoch(
     stop: Callable[[], bool] = lambda: False,
     batches: int | None = None,
 ) -> Iterator[tuple[int, float]]:
-    """Train one epoch of `step.data`; every `log_every` batches yield (batches done, mean loss).
+    """Train one epoch of `step.data`; every `log_every` batches yield (batches done, mean loss),
+    and at the end that of the last window, if it is shorter.
 
     `batches` ends the epoch after that many mini-batches of its (full) random order.
 
@@ -87,7 +88,10 @@ def train_one_epoch(
             loss_sum.zero_()
         if stop() and i + 1 < len(starts):
             raise TrainingInterrupted(i + 1, step.loss_total(), epoch_rng)
-    _finite(step.loss_total(), len(starts))  # a NaN after the last logged window still fails
+    if rest := len(starts) % log_every:
+        # The epoch's last, partial window: its mean at the epoch's end, so an epoch shorter
+        # than log_every still has a train_loss (and a NaN in it still fails the run).
+        yield len(starts), _finite(step.loss_total() / rest, len(starts))
 
 
 def _finite(loss: float, batch: int) -> float:

@@ -24,15 +24,15 @@ import stat
 import sys
 import warnings
 from pathlib import Path
-from typing import BinaryIO
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, BinaryIO
 
 from cnnlab import CnnlabError, one_line
-from cnnlab.cli import command, compose_config, store_uri
-from cnnlab.data import image_pixels
-from cnnlab.tracking import load_model
+from cnnlab.cli import add_trust_store, command, compose_config, store_uri
+
+# numpy, torch and MLflow are imported where an image is read or a model loaded: `--help` and a
+# bad argument answer without them.
+if TYPE_CHECKING:
+    import torch
 
 MAX_MEGAPIXELS = 64  # larger images are refused: decoding one takes up to 4 bytes a pixel
 
@@ -47,7 +47,11 @@ def image_tensor(
     dark background (MNIST and its family: `light_on_dark`) gets a dark-on-light image
     inverted; any other model (photos, CIFAR, an image folder) takes images as they are.
     """
+    import numpy as np
+    import torch
     from PIL import Image, UnidentifiedImageError
+
+    from cnnlab.data import image_pixels
 
     channels, height, width = in_shape
     try:
@@ -115,6 +119,10 @@ def predict(
     """Print the class and probabilities for each image; return how many could not be read."""
     if not paths:
         raise CnnlabError("give one or more image files after the model")
+    import torch
+
+    from cnnlab.tracking import load_model
+
     cfg = compose_config(overrides)
     model = load_model(model_ref, store_uri(cfg), trust_store)
     failures = 0
@@ -154,14 +162,4 @@ def main() -> None:
         __doc__,
         _arguments,
         lambda args: predict(args.model, args.images, args.overrides, args.trust_store),
-    )
-
-
-def add_trust_store(parser: argparse.ArgumentParser) -> None:
-    """The --trust-store flag of the commands that load a logged model."""
-    parser.add_argument(
-        "--trust-store",
-        action="store_true",
-        help="load the model the way MLflow stored it (pickle, torch.export program), which can "
-        "run code from the store: only for a store you trust",
     )

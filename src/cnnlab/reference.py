@@ -2,8 +2,8 @@
 checked against (tests/test_parity.py, tests/test_models.py) and timed against (cnnlab-bench).
 
 Nothing here uses cnnlab's own model, data or step code, so a change there cannot make both
-sides of a comparison wrong alike. The loop needs torchvision (the `test` and `bench` extras),
-imported when it runs, so that `cnnlab-train` itself does not depend on it.
+sides of a comparison wrong alike. The loop reads MNIST with torchvision's own dataset class
+and ToTensor, imported when it runs (a second that only the oracle needs).
 """
 
 from __future__ import annotations

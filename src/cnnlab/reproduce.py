@@ -12,13 +12,15 @@ import sys
 
 from cnnlab import CnnlabError, schema
 from cnnlab.cli import command, compose_config, store_uri
-from cnnlab.provenance import code_tags
-from cnnlab.tracking import check_reachable, find_runs, run_config, run_record
-from cnnlab.train import train
+from cnnlab.store import check_reachable
 
 
 def reproduce(run_id: str, overrides: list[str]) -> bool:
     """Run `run_id`'s logged config again (plus overrides); print the comparison; True if equal."""
+    # Imported here, not above: `cnnlab-reproduce --help` answers without torch and MLflow.
+    from cnnlab.tracking import find_runs, run_config, run_record
+    from cnnlab.train import train
+
     # The store is found like cnnlab-train finds it: tracking.uri=..., $MLFLOW_TRACKING_URI, ...
     uri = store_uri(compose_config([o for o in overrides if o.startswith("tracking.uri=")]))
     check_reachable(uri)
@@ -39,6 +41,8 @@ def reproduce(run_id: str, overrides: list[str]) -> bool:
 
 def warn_about_differences(tags: dict[str, str]) -> None:
     """Say when the code or libraries differ from those the source run used."""
+    from cnnlab.provenance import code_tags
+
     for key, value in code_tags().items():
         if tags.get(key, value) != value:
             print(f"warning: {key} was {tags[key]}, is {value} now", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 A dataclass holds a group's defaults (Hydra's structured-config pattern); an option's
 conf/<group>/*.yaml holds only what makes it that option, and conf/config.yaml the train and
-tracking blocks. A model's defaults are its constructor's, read from models.py.
+tracking blocks. A model's defaults are its constructor's (models.py), written out here.
 
 Registered in Hydra's ConfigStore, so a misspelled key or a wrong type fails while Hydra composes
 the config; `validate` then rejects impossible values (batch size 0, negative lr, ...) before any
@@ -27,8 +27,8 @@ from hydra.errors import MissingConfigException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from cnnlab import CnnlabError, models
-from cnnlab.data import (
+from cnnlab import CLUSTER_EXTRA, CnnlabError
+from cnnlab.catalog import (
     DATASETS,
     DEFAULT_SPLITS,
     EMNIST_SPLITS,
@@ -36,7 +36,6 @@ from cnnlab.data import (
     dataset_files,
     is_npm_registry_package,
 )
-from cnnlab.models import MLP, ConvNet, TorchvisionNet
 
 
 class ConfigError(CnnlabError):
@@ -44,14 +43,8 @@ class ConfigError(CnnlabError):
 
 
 # ---------------------------------------------------------------- model: _target_ picks the class
-def _default_of(model: type, key: str) -> Any:
-    """The default of `model`'s constructor keyword `key`: one copy, beside the model."""
-    default = inspect.signature(model).parameters[key].default
-    if isinstance(default, (list, tuple)):
-        return field(default_factory=lambda: list(default))
-    return default
-
-
+# The defaults are the constructors' own in models.py (test_models checks that they agree),
+# written out here so that composing a config never imports torch.
 @dataclass
 class ModelConf:
     _target_: str = MISSING
@@ -60,22 +53,22 @@ class ModelConf:
 @dataclass
 class ConvNetConf(ModelConf):
     _target_: str = "cnnlab.models.ConvNet"
-    conv_channels: list[int] = _default_of(ConvNet, "conv_channels")  # each valid (unpadded) conv
-    kernel_size: int = _default_of(ConvNet, "kernel_size")
-    hidden: list[int] = _default_of(ConvNet, "hidden")  # hidden linear layers after the convs
+    conv_channels: list[int] = field(default_factory=lambda: [10, 5])  # valid (unpadded) convs
+    kernel_size: int = 3
+    hidden: list[int] = field(default_factory=lambda: [64, 32])  # linear layers after the convs
 
 
 @dataclass
 class MLPConf(ModelConf):
     _target_: str = "cnnlab.models.MLP"
-    hidden: list[int] = _default_of(MLP, "hidden")
+    hidden: list[int] = field(default_factory=lambda: [64, 32])
 
 
 @dataclass
 class TorchvisionConf(ModelConf):
     _target_: str = "cnnlab.models.TorchvisionNet"
     name: str = MISSING  # torchvision.models.list_models(module=torchvision.models)
-    small_images: bool = _default_of(TorchvisionNet, "small_images")  # ResNet stem for ~32x32
+    small_images: bool = False  # ResNet stem for ~32x32 images
     kwargs: dict[str, Any] = field(default_factory=dict)  # more keywords for the model builder
 
 
@@ -159,6 +152,7 @@ class TrainConf:
     limit_eval_batches: int | None = None  # test batches (of eval_batch_size) per evaluation
     overfit_batches: int = 0  # N: train on the first N * batch_size samples only, and check
     # at the end that the model fitted them (a model that can't is wired wrong)
+    print_every_epochs: int = 1  # print every Nth epoch's lines (and the first and last)
 
 
 @dataclass
@@ -268,7 +262,13 @@ class Config:
     hardware: HardwareConf = MISSING
     train: TrainConf = MISSING
     tracking: TrackingConf = MISSING
-    bench: BenchConf | None = None  # set by conf/bench.yaml for cnnlab-bench only
+
+
+@dataclass
+class BenchConfig(Config):
+    """cnnlab-bench's config: the training config plus what to measure (conf/bench.yaml)."""
+
+    bench: BenchConf = MISSING
 
 
 GROUPS = ("model", "data", "optimizer", "hardware")
@@ -297,7 +297,9 @@ def typed_config(tree: dict[str, Any], overrides: list[str] = ()) -> DictConfig:
     # class of a package the user trusts (checked, not called: the config may come from a
     # store that is not trusted).
     if model_target not in _MODEL_SCHEMAS:
-        models.model_class(model_target, logged=True)
+        from cnnlab.models import model_class  # torch: only for a user's model
+
+        model_class(model_target, logged=True)
     model = _MODEL_SCHEMAS.get(model_target, dict)()
     schema = Config(
         data=DataConf(),
@@ -341,7 +343,10 @@ def register() -> None:
     if not OmegaConf.has_resolver("cnnlab.debug_store"):
         OmegaConf.register_new_resolver("cnnlab.debug_store", debug_store_uri)
     cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
+    # The root's type, a default of conf/config.yaml that conf/bench.yaml overrides: so the
+    # bench's own keys exist in cnnlab-bench's config only, not in every run's.
+    cs.store(group="schema/root", name="train", node=Config, package="_global_")
+    cs.store(group="schema/root", name="bench", node=BenchConfig, package="_global_")
     # Kept out of the option groups (model=..., ...) so that only real options are listed.
     cs.store(group="schema/model", name="convnet", node=ConvNetConf)
     cs.store(group="schema/model", name="mlp", node=MLPConf)
@@ -391,6 +396,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("train.limit_batches", _positive_int, "an integer >= 1, or null for every mini-batch"),
     ("train.limit_eval_batches", _positive_int, "an integer >= 1, or null for the whole test set"),
     ("train.overfit_batches", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: off)"),
+    ("train.print_every_epochs", _positive_int, "an integer >= 1 (1: every epoch)"),
     ("train.seed", lambda v: isinstance(v, int) and 0 <= v < 2**63, "an integer in [0, 2**63)"),
     ("optimizer.lr", _positive_float, "a number > 0"),
     ("optimizer.weight_decay", _non_negative, "a number >= 0"),
@@ -561,16 +567,44 @@ def _not_a_key(key: str, siblings: list[str]) -> str:
     return f"{key} is not a config key; {hint} (`cnnlab-train --cfg job` lists them all)"
 
 
+def _untyped_keys(node: Any) -> list[str]:
+    """The keys an untyped node takes: a user's model's are its YAML's and its class's own
+    constructor keywords (but in_shape and num_classes, which the data sets)."""
+    if not isinstance(node, DictConfig):
+        return []
+    keys = [str(k) for k in node.keys()]
+    target = node.get("_target_")
+    if target is None:
+        return keys
+    from cnnlab.models import model_class  # torch, on this error's path only
+
+    try:
+        parameters = inspect.signature(model_class(target)).parameters
+    except (CnnlabError, TypeError, ValueError):  # not a class we can read: its YAML keys
+        return keys
+    own = [p for p in parameters if p not in ("self", "in_shape", "num_classes", *keys)]
+    return keys + own
+
+
 def describe_config_error(exc: Exception) -> str:
     """One line for a Hydra/OmegaConf composition error: the key, what is wrong, the fix."""
     cause = exc.__cause__ or exc
+    if isinstance(cause, CnnlabError):  # e.g. a launcher whose plugin is not installed
+        return str(cause)
+    if "hydra/launcher/submitit_slurm" in str(exc):  # conf/hydra/launcher/slurm.yaml's base
+        return (
+            f"hydra/launcher=slurm needs hydra-submitit-launcher, which is not installed: "
+            f"{CLUSTER_EXTRA}"
+        )
     key = getattr(cause, "full_key", None)
     if isinstance(exc, MissingConfigException) and exc.options:
         group, _, option = (exc.missing_cfg_file or "").rpartition("/")
         return f"{group}={option} is not an option; choose one of {', '.join(exc.options)}"
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
         schema = getattr(cause, "object_type", None)  # the dataclass that lacks the key
-        return _not_a_key(key, [f.name for f in fields(schema)] if is_dataclass(schema) else [])
+        if is_dataclass(schema):
+            return _not_a_key(key, [f.name for f in fields(schema)])
+        return _not_a_key(key, _untyped_keys(getattr(cause, "parent_node", None)))
     if isinstance(cause, OmegaConfBaseException) and key:
         return f"{key}: {str(cause).splitlines()[0]}"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -18,7 +18,7 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -27,8 +27,12 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab.figures import sweep_figures
-from cnnlab.tracking import Tracker, attach_run, check_reachable, create_run, resolve_uri, run_state
+from cnnlab.store import check_reachable, resolve_uri, say_where_it_went
+
+# MLflow (cnnlab.tracking) and matplotlib (cnnlab.figures) are imported where a sweep uses them:
+# Hydra creates the callback below for every run, a single one and `--help` too.
+if TYPE_CHECKING:
+    from cnnlab.tracking import Tracker
 
 SWEEP_FILE = "cnnlab-sweep.json"  # in hydra.sweep.dir: what each job needs to find its parent
 RUN_FILE = "cnnlab-run.json"  # in a job's output folder: the run it opened, for a requeued job
@@ -108,6 +112,8 @@ class SweepCallback(Callback):
         }
         self.log_figures = config.tracking.log_figures
         self.register_as = config.tracking.register_as
+        from cnnlab.tracking import create_run
+
         self.parent = _open_parent = create_run(
             uri,
             config.tracking.experiment,
@@ -124,11 +130,15 @@ class SweepCallback(Callback):
         """Log the summary on the parent and close it: FAILED if any job failed."""
         if self.parent is None:
             return
+        parent, status = self.parent, "FAILED"
         try:
-            self._summarize(self.parent)
+            self._summarize(parent)
+            status = "FAILED" if failed_jobs() else "FINISHED"
         finally:
-            end_open_parent("FAILED" if failed_jobs() else "FINISHED")
+            end_open_parent(status)
             self.parent = None
+        # (This is the launching process: Hydra has not moved into a job's folder.)
+        say_where_it_went(parent.run_id, status, parent.uri, Path.cwd(), "Sweep parent run")
 
     def _summarize(self, parent: Tracker) -> None:
         children = parent.children()
@@ -156,6 +166,8 @@ class SweepCallback(Callback):
         if (self.sweep_dir / SEARCH_FILE).exists():
             log_search_history(parent, json.loads((self.sweep_dir / SEARCH_FILE).read_text()))
         if self.log_figures:
+            from cnnlab.figures import sweep_figures
+
             for name, figure in sweep_figures(children, self.swept, metric).items():
                 parent.log_figure(figure, name)
 
@@ -301,6 +313,8 @@ def requeued_run(uri: str, spool: Path) -> str | None:
     record = json.loads(run_file.read_text())
     if record["parent_run_id"] != sweep_record["parent_run_id"]:
         return None  # left by another sweep into the same folder: not this job's
+    from cnnlab.tracking import attach_run, run_state
+
     # Attached first: a checkpoint the store could not take before the job stopped waits in
     # the spool, and attaching delivers it.
     run = attach_run(uri, record["run_id"], spool)
@@ -331,6 +345,8 @@ def lost_job(config: DictConfig, overrides: Sequence[str], error: str) -> JobRet
     if run_file.exists() and sweep_file.exists():
         uri = json.loads(sweep_file.read_text())["uri"]
         run_id = json.loads(run_file.read_text())["run_id"]
+        from cnnlab.tracking import attach_run
+
         run = attach_run(uri, run_id, Path.cwd() / config.tracking.pending_dir)
         if run.status() == "RUNNING":  # nobody is left to end it
             run.set_tags({"cnnlab.error": error[:5000]})

@@ -17,11 +17,12 @@ from pathlib import Path
 
 from cnnlab import CnnlabError
 from cnnlab.cli import command, launch_dir
-from cnnlab.tracking import sync
 
 
 def sync_folders(folders: list[Path]) -> int:
     """Deliver each folder's pending logs; return how many could not be delivered."""
+    from cnnlab.tracking import sync  # MLflow: not for `cnnlab-sync --help`
+
     if not folders:
         pending = launch_dir() / "cnnlab-pending"
         folders = sorted(p for p in pending.glob("*") if (p / "journal.jsonl").is_file())

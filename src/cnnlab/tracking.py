@@ -8,23 +8,18 @@ background thread, so a slow or lost tracking server never stalls training and l
 
 from __future__ import annotations
 
-import base64
 import copy
 import errno
 import itertools
 import json
 import logging
 import os
-import re
 import shutil
 import sqlite3
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
@@ -49,7 +44,14 @@ from mlflow.models import Model, infer_signature
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.tracking import MlflowClient
 
-from cnnlab import CnnlabError, TrialPruned, exported, interrupts, one_line
+from cnnlab import TrialPruned, exported, interrupts, one_line
+from cnnlab.store import (
+    TrackingError,
+    artifacts_beside,
+    check_reachable,
+    sqlite_file,
+    store_failure,
+)
 
 # MLflow draws a progress bar for every artifact download; cnnlab's output stays readable.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -57,123 +59,6 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 # Its collectors say at INFO, once per run, that there is no GPU to sample.
 logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-
-
-class TrackingError(CnnlabError):
-    """The tracking store cannot be reached or used."""
-
-
-_SQLITE = "sqlite:///"
-
-
-def sqlite_file(uri: str) -> Path | None:
-    """The database file of a SQLite store's URI; None for any other store."""
-    return Path(uri[len(_SQLITE) :]) if uri.startswith(_SQLITE) else None
-
-
-def artifacts_beside(db: Path) -> Path:
-    """Where a SQLite store keeps its runs' artifacts: beside the file, one movable folder."""
-    return db.parent / "mlartifacts"
-
-
-def resolve_uri(uri: str | None, launch_dir: Path) -> str:
-    """The absolute tracking URI: None means the SQLite store mlflow.db in `launch_dir`."""
-    if uri is None:
-        return f"sqlite:///{(launch_dir / 'mlflow.db').resolve()}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        # A relative SQLite path would follow the process's cwd; pin it to the launch directory.
-        return f"sqlite:///{(launch_dir / uri[len('sqlite:///') :]).resolve()}"
-    return uri
-
-
-def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
-    """(uri without user:password@, user, password) of an http(s) tracking URI."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
-        return uri, None, None
-    host = parts.netloc.rpartition("@")[2]
-    clean = urllib.parse.urlunsplit(parts._replace(netloc=host))
-    user = urllib.parse.unquote(parts.username or "")
-    return clean, user, urllib.parse.unquote(parts.password or "")
-
-
-def move_credentials_to_env(uri: str) -> str:
-    """Take user:password out of `uri` into MLFLOW_TRACKING_USERNAME/PASSWORD; the clean URI.
-
-    MLflow sends those variables as HTTP basic auth. A password left in the URI would end up in
-    params, the logged config, Hydra's output folder and error messages.
-    """
-    clean, user, password = split_credentials(uri)
-    if user is not None:
-        os.environ["MLFLOW_TRACKING_USERNAME"] = user
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = password or ""
-    return clean
-
-
-def set_request_timeout(seconds: int) -> None:
-    """Bound every HTTP request to a tracking server (MLflow's default waits 120 s x 7 retries)."""
-    # One retry: the Journal retries on its own, off the training thread, without a limit.
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(seconds)
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
-    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
-
-
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail within `timeout` seconds if an HTTP tracking server does not answer its health check."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(_server_request(uri, "/health"), timeout=timeout) as response:
-            if response.status == 200:
-                return
-            reason = f"HTTP {response.status}"
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = str(getattr(exc, "reason", exc))
-    raise TrackingError(
-        f"tracking server {uri} is unreachable ({reason}); start it with "
-        "`mlflow server --host 127.0.0.1 --port 5000` or set tracking.uri=null for the local store"
-    )
-
-
-def _server_request(uri: str, path: str) -> urllib.request.Request:
-    """A GET of `path` on the server at `uri`, with the user's credentials as MLflow sends them."""
-    request = urllib.request.Request(f"{uri.rstrip('/')}{path}")
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-    if user:
-        token = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
-        request.add_header("Authorization", "Basic " + base64.b64encode(token).decode())
-    return request
-
-
-# MLflow's client retries a 5xx answer, then reports only this, without the server's words.
-_SERVER_FAILS = re.compile(r"too many (5\d\d) error responses")
-
-
-def store_failure(uri: str, exc: BaseException) -> str:
-    """Why the store refused a write, in one line.
-
-    A server that answers 5xx is up but fails behind itself: typically its database (a team
-    server's PostgreSQL) or its artifact storage is down. That is said, with the server's reason.
-    """
-    status = _SERVER_FAILS.search(str(exc))
-    if status is None or not uri.startswith(("http://", "https://")):
-        return one_line(exc)
-    reason = ""
-    try:  # any request that needs the database; only the body of a failure is read
-        urllib.request.urlopen(
-            _server_request(uri, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=_"),
-            timeout=5,
-        ).close()
-    except urllib.error.HTTPError as answer:
-        with suppress(ValueError, AttributeError, OSError):
-            body = json.loads(answer.read(65536))
-            reason = f": {str(body['message']).strip().splitlines()[0][:300]}"
-    except OSError:
-        pass
-    return (
-        f"the server answers HTTP {status[1]}{reason}; it runs, but its database or artifact "
-        "storage fails: see the server's log"
-    )
 
 
 # ------------------------------------------------------------------------------------- journal

@@ -1,9 +1,5 @@
-"""cnnlab-train: compose the config, train the model, log the run to MLflow.
-
-cnnlab-train                                  # the article's run
-cnnlab-train optimizer=sgd train.epochs=2     # any key can be overridden
-cnnlab-train -m optimizer.lr=1e-3,1e-4        # a sweep, under multirun/
-"""
+"""What cnnlab-train runs once its config is composed and checked (cnnlab.train_cli): load the
+data, build the model, open the run, fit, log the results."""
 
 from __future__ import annotations
 
@@ -18,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -34,10 +29,9 @@ from cnnlab import (
     sweep,
 )
 from cnnlab.checkpoint import Progress
-from cnnlab.cli import CONF_DIR, launch_path, run_cli, store_uri
+from cnnlab.cli import launch_dir, launch_path, store_uri
 from cnnlab.data import IDX_SETS, Dataset, Split, data_arguments, load_dataset
 from cnnlab.distributed import World, world_from_env
-from cnnlab.figures import prediction_figures
 from cnnlab.hardware import setup_hardware
 from cnnlab.loop import TrainingInterrupted, evaluate, predicted, train_one_epoch
 from cnnlab.models import configured_network
@@ -51,17 +45,20 @@ from cnnlab.provenance import (
     run_tags,
 )
 from cnnlab.step import TrainStep, flat_parameters
-from cnnlab.sweep import in_sweep, job_tags, nan_for_a_failed_job, remember_job_run, requeued_run
+from cnnlab.store import (
+    check_reachable,
+    move_credentials_to_env,
+    say_where_it_went,
+    set_request_timeout,
+)
+from cnnlab.sweep import in_sweep, job_tags, remember_job_run, requeued_run
 from cnnlab.tracking import (
     NullTracker,
     Tracker,
     attach_run,
-    check_reachable,
     closing_run,
     create_run,
-    move_credentials_to_env,
     run_config,
-    set_request_timeout,
     system_metrics,
 )
 
@@ -141,12 +138,12 @@ def _train(cfg: DictConfig, world: World, extra_tags: dict[str, str] | None) -> 
         accuracy = fit(
             cfg, model, optimizer, train_split, test_split, run, progress, world, val_split, trial
         )
+        print("Training process has finished.")
         if cfg.train.overfit_batches:
             per_epoch = batches_per_epoch(len(train_split), cfg.train.batch_size,
                                           cfg.train.limit_batches)  # fmt: skip
             check_overfit(model, train_split, cfg.train, run, step=cfg.train.epochs * per_epoch)
         log_results(cfg, run, model, data, test_split, accuracy)
-    print("Training process has finished.")
     return accuracy
 
 
@@ -174,6 +171,8 @@ def log_results(
         if cfg.tracking.register_as and not in_sweep():  # a sweep registers its best run's
             run.register_model(cfg.tracking.register_as, cfg.tracking.register_alias)
     if cfg.tracking.log_figures:  # last, and never at the cost of the run: pictures only
+        from cnnlab.figures import prediction_figures  # matplotlib: only once there is a result
+
         guesses = predicted(model, test_split, cfg.train.eval_batch_size)
         try:
             drawn = prediction_figures(test_split.images, test_split.labels, guesses, data.classes)
@@ -259,16 +258,20 @@ def fit(
             stop if trial is None else lambda: pruned is not None or stop(), world
         )
         last = Path(tmp) / "last.pt"
-        for epoch in range(progress.epoch, cfg.train.epochs):
+        first_epoch = progress.epoch  # this process's first: always printed
+        for epoch in range(first_epoch, cfg.train.epochs):
             resuming = f" (resuming at mini-batch {progress.batch + 1})" if progress.batch else ""
-            print(f"Starting epoch {epoch + 1}{resuming}")
+            # Every epoch's lines, as the article prints them; a long run every Nth epoch's.
+            shown = epoch == first_epoch or (epoch + 1) % cfg.train.print_every_epochs == 0
+            say = print if shown or epoch + 1 == cfg.train.epochs else _quiet
+            say(f"Starting epoch {epoch + 1}{resuming}")
             torch.set_rng_state(progress.rng)  # an epoch cut short re-draws the same order
             try:
                 for batch, loss in train_one_epoch(
                     step, cfg.train.log_every, show_bar, progress.batch, running, halt,
                     batches=per_epoch,
                 ):  # fmt: skip
-                    print(f"Loss after mini-batch {batch:5d}: {loss:.3f}")
+                    say(f"Loss after mini-batch {batch:5d}: {loss:.3f}")
                     run.log_metrics({"train_loss": loss}, step=epoch * per_epoch + batch)
                     if trial is not None and trial.pruning and batch < per_epoch:
                         at = epoch * per_epoch + batch  # (the epoch's end reports below)
@@ -289,11 +292,11 @@ def fit(
             if not world.main:
                 continue
             test_loss, accuracy = evaluate(model, test_split, cfg.train.eval_batch_size)
-            print(f"Epoch {epoch + 1}: test loss {test_loss:.4f}, test accuracy {accuracy:.2%}")
+            say(f"Epoch {epoch + 1}: test loss {test_loss:.4f}, test accuracy {accuracy:.2%}")
             metrics = {"test_loss": test_loss, "test_accuracy": accuracy, "epoch": epoch + 1}
             if val_split is not None:
                 val_loss, accuracy = evaluate(model, val_split, cfg.train.eval_batch_size)
-                print(f"Epoch {epoch + 1}: validation loss {val_loss:.4f}, "
+                say(f"Epoch {epoch + 1}: validation loss {val_loss:.4f}, "
                       f"validation accuracy {accuracy:.2%}")  # fmt: skip
                 metrics.update(val_loss=val_loss, val_accuracy=accuracy)
             at = (epoch + 1) * per_epoch
@@ -305,6 +308,10 @@ def fit(
                 print(f"Trial {pruned}")
                 raise pruned  # after the epoch's checkpoint: the run ends KILLED, tagged PRUNED
     return accuracy
+
+
+def _quiet(*_: object) -> None:
+    """An epoch's lines where train.print_every_epochs skips them (they are logged all the same)."""
 
 
 def evaluate_during_epoch(
@@ -403,10 +410,19 @@ def open_run(
         else:
             run, progress = NullTracker(), Progress()
         interval = cfg.tracking.system_metrics_interval if cfg.tracking.system_metrics else None
-        with closing_run(run), system_metrics(run, interval, resumed=bool(cfg.train.resume)):
-            if not cfg.train.resume:
-                log_config(run, cfg)
-            yield run, progress
+        ended = "FAILED"
+        try:
+            with closing_run(run), system_metrics(run, interval, resumed=bool(cfg.train.resume)):
+                if not cfg.train.resume:
+                    log_config(run, cfg)
+                yield run, progress
+            ended = "FINISHED"
+        except (KeyboardInterrupt, TrialPruned):
+            ended = "KILLED"
+            raise
+        finally:
+            if run.run_id is not None:
+                say_where_it_went(run.run_id, ended, uri, launch_dir())
 
 
 def resumed_run(
@@ -470,52 +486,3 @@ def resumed_config(run_id: str, uri: str, overrides: list[str]) -> DictConfig:
     cfg.train.resume = run_id
     cfg.tracking.uri = uri
     return cfg
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def hydra_main(cfg: DictConfig) -> float:
-    """The Hydra task: one job of a run or a sweep."""
-    try:
-        return train(cfg)
-    except TrialPruned:
-        raise  # not a failure: the search tells its study PRUNED
-    except Exception as exc:
-        if isinstance(exc.__cause__, CnnlabError):  # e.g. an optimizer's inside instantiate()
-            exc = exc.__cause__
-        if in_sweep():  # the run is already marked FAILED with the reason; the sweep goes on
-            sweep.record_failure(exc)
-            print(f"cnnlab-train: job failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            if nan_for_a_failed_job():
-                return float("nan")
-            raise
-        if isinstance(exc, distributed.RankFailure):
-            sys.exit(1)  # said already, the moment it happened
-        if isinstance(exc, CnnlabError):  # here, not in main(), so Hydra adds no report
-            sys.exit(f"cnnlab-train: error: {exc}")
-        raise
-
-
-# What a torchrun rank other than 0 adds to its command line: Hydra resolves ${now:...} per
-# process, so each rank would make an output folder of its own; rank 0's is the run's.
-_QUIET_RANK = [
-    "hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled",
-    "hydra/hydra_logging=disabled",
-]  # fmt: skip
-
-
-def main() -> None:
-    """Console entry point of cnnlab-train."""
-    world = world_from_env()
-    if world.distributed and {"-m", "--multirun"} & set(sys.argv):
-        # Refused before Hydra starts: each rank would open a sweep of its own.
-        sys.exit(
-            "cnnlab-train: error: a sweep (-m) can't run under torchrun: each rank would run "
-            "the whole sweep; sweep without torchrun, or run one torchrun per configuration"
-        )
-    if not world.main:
-        sys.argv += _QUIET_RANK
-    run_cli("cnnlab-train", hydra_main)
-
-
-if __name__ == "__main__":
-    main()

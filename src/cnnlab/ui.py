@@ -21,14 +21,7 @@ from pathlib import Path
 
 from cnnlab import CnnlabError, interrupts
 from cnnlab.cli import command, compose_config, store_uri
-from cnnlab.tracking import (
-    TrackingError,
-    artifacts_beside,
-    check_reachable,
-    check_store,
-    sqlite_file,
-    training_views,
-)
+from cnnlab.store import TrackingError, artifacts_beside, check_reachable, sqlite_file
 
 
 def serve(uri: str, host: str, port: int, timeout: float = 120) -> None:
@@ -44,6 +37,8 @@ def serve(uri: str, host: str, port: int, timeout: float = 120) -> None:
             f"no MLflow store at {db or uri}: train a run first (cnnlab-train), or point "
             "tracking.uri at a store"
         )
+    from cnnlab.tracking import check_store  # MLflow: not for `cnnlab-ui --help`
+
     check_store(uri)
     url = f"http://{host}:{port}"
     _check_free(host, port)  # else another server's /health could pass for this one's
@@ -101,6 +96,8 @@ def _wait_until_up(server: subprocess.Popen, url: str, log: Path, timeout: float
 
 
 def _print_views(uri: str, url: str) -> None:
+    from cnnlab.tracking import training_views
+
     views = training_views(uri, url)
     if not views:
         print(f"{uri} has no experiments yet; they appear at {url} once cnnlab-train logs one")

@@ -15,7 +15,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from cnnlab import CnnlabError
+from cnnlab import CLUSTER_EXTRA, CnnlabError
 
 
 class CnnlabRayLauncher(Launcher):
@@ -45,7 +45,7 @@ class CnnlabRayLauncher(Launcher):
             from cnnlab.ray_launcher import launch
         except ImportError as exc:
             raise CnnlabError(
-                f"hydra/launcher=ray needs Ray ({exc}): pip install 'cnnlab[cluster]'"
+                f"hydra/launcher=ray needs Ray, which is not installed ({exc}): {CLUSTER_EXTRA}"
             ) from None
 
         return launch(self, job_overrides, initial_job_idx)

@@ -14,6 +14,8 @@ from typing import Any
 
 from hydra.core.utils import JobReturn
 
+from cnnlab import CLUSTER_EXTRA, CnnlabError
+
 try:
     from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 except ImportError:  # without the cluster extra: no submitit launchers, nothing to extend
@@ -79,3 +81,31 @@ if submitit_launcher is not None:
 
     class CnnlabLocalLauncher(_WaitForEveryJob, submitit_launcher.LocalLauncher):
         """hydra/launcher=submitit_local."""
+
+else:
+    from hydra.plugins.launcher import Launcher
+
+    class _NotInstalled(Launcher):
+        """Stands for a launcher whose plugin is missing: one line that names the extra.
+
+        A Launcher, so that Hydra's plugin registry knows the class and creates it."""
+
+        def __init__(self, **_: Any) -> None:
+            name = "slurm" if isinstance(self, CnnlabSlurmLauncher) else "submitit_local"
+            raise CnnlabError(
+                f"hydra/launcher={name} needs hydra-submitit-launcher, which is not "
+                f"installed: {CLUSTER_EXTRA}"
+            )
+
+        def setup(self, **_: Any) -> None:
+            """Never reached: __init__ refuses."""
+
+        def launch(self, *_: Any) -> Sequence[JobReturn]:
+            """Never reached: __init__ refuses."""
+            return []
+
+    class CnnlabSlurmLauncher(_NotInstalled):
+        """hydra/launcher=slurm, without the cluster extra."""
+
+    class CnnlabLocalLauncher(_NotInstalled):
+        """hydra/launcher=submitit_local, without the cluster extra."""
