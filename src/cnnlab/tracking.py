@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import sys
@@ -44,7 +45,7 @@ from mlflow.models import Model, infer_signature
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.tracking import MlflowClient
 
-from cnnlab import TrialPruned, exported, interrupts, one_line
+from cnnlab import CnnlabError, TrialPruned, exported, interrupts, one_line
 from cnnlab.store import (
     TrackingError,
     artifacts_beside,
@@ -189,6 +190,34 @@ def _write_delivered(folder: Path, count: int) -> None:
     partial.replace(folder / "delivered")  # never a half-written count
 
 
+class JournalError(CnnlabError):
+    """A journal line cnnlab did not write (edited, or not a journal at all): refused."""
+
+
+# What a journal's file op names: a file or folder Journal.stage made, files/<write>/<name>.
+_STAGED = re.compile(r"files/\d{6}/(?!\.\.?$)[^/\\\x00]+")
+
+
+def staged_source(folder: Path, src: Any) -> Path:
+    """The staged file or folder a journal op names, inside `folder` and reached through no
+    symbolic link, or JournalError.
+
+    A journal is data on disk that anyone who can write the launch folder can edit: a path it
+    names is uploaded to the store and then deleted, so it may only ever be one it staged.
+    """
+    path = folder / str(src)
+    if not isinstance(src, str) or not _STAGED.fullmatch(src):
+        raise JournalError(f"names {src!r}, not a file the journal staged (files/NNNNNN/name)")
+    links = [p for p in (folder / "files", path.parent, path) if p.is_symlink()]
+    if path.is_dir():  # a logged folder or model: nothing in it may lead out either
+        links += [p for p in path.rglob("*") if p.is_symlink()]
+    if links:
+        raise JournalError(f"names {src}, which is or holds a symbolic link ({links[0]})")
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise JournalError(f"names {src}, which resolves outside its folder")
+    return path
+
+
 def deliver(client: MlflowClient, folder: Path, run_id: str, ops: list[dict[str, Any]]) -> int:
     """Send the first of `ops` (several consecutive metrics/params/tags as one request) to the
     store; return how many were sent. Raises if the store refuses."""
@@ -214,7 +243,7 @@ def deliver(client: MlflowClient, folder: Path, run_id: str, ops: list[dict[str,
     if op["op"] == "register":
         register_model(client, op.get("run_id", run_id), op["name"], op["alias"])
         return 1
-    source = folder / op["src"]
+    source = staged_source(folder, op.get("src"))
     if op["op"] == "file":
         client.log_artifact(run_id, str(source), op["dir"])
     elif op["op"] == "dir":
@@ -284,13 +313,48 @@ def pending_dir(spool: Path, run_id: str) -> Path:
     return spool / run_id
 
 
+_OPS = {"batch", "inputs", "register", "file", "dir", "model"}
+
+
+def read_journal(folder: Path) -> tuple[dict[str, str], list[dict[str, Any]], int]:
+    """A left journal's (meta, undelivered ops, delivered count), every line checked before
+    anything is sent or deleted; JournalError (one line, nothing touched) for anything cnnlab
+    did not write."""
+    where = folder / "journal.jsonl"
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        if not (isinstance(meta, dict) and isinstance(meta.get("uri"), str)
+                and isinstance(meta.get("run_id"), str)):  # fmt: skip
+            raise ValueError("not {uri, run_id}")
+    except (OSError, ValueError) as exc:
+        raise JournalError(f"{folder / 'meta.json'} is not a journal's: {exc}") from None
+    delivered = _read_delivered(folder)
+    ops = []
+    lines = where.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines[delivered:], start=delivered + 1):
+        if not line.strip():
+            continue
+        try:
+            try:
+                op = json.loads(line)
+            except ValueError:
+                raise ValueError("is not a JSON line") from None
+            if not isinstance(op, dict) or op.get("op") not in _OPS:
+                raise ValueError("is not one of a journal's ops")
+            if op["op"] in ("file", "dir", "model"):
+                staged_source(folder, op.get("src"))
+        except (ValueError, JournalError) as exc:
+            raise JournalError(
+                f"{where} line {number} {exc}; refused: nothing was delivered or deleted"
+            ) from None
+        ops.append(op)
+    return meta, ops, delivered
+
+
 def sync(folder: Path) -> tuple[str, str, int]:
     """Deliver a journal left by a process that could not reach its store: (uri, run, count)."""
-    meta = json.loads((folder / "meta.json").read_text())
+    meta, ops, delivered = read_journal(folder)
     client = MlflowClient(tracking_uri=meta["uri"])
-    lines = (folder / "journal.jsonl").read_text(encoding="utf-8").splitlines()
-    delivered = _read_delivered(folder)
-    ops = [json.loads(line) for line in lines[delivered:] if line.strip()]
     sent = 0
     while ops:
         try:

@@ -1,0 +1,92 @@
+"""A journal left in cnnlab-pending is data on disk that anyone who can write the launch folder
+can edit: cnnlab-sync and train.resume deliver only what the journal itself staged, and refuse
+anything else in one line, with nothing delivered and nothing deleted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import cnnlab, one_error_line, train_in_process
+
+
+@pytest.fixture
+def logged(tiny_data, tmp_path) -> tuple:
+    """A finished run in ./mlflow.db, and files of the user's beside it that a journal names."""
+    store, run_id = train_in_process(tmp_path, tiny_data, "tracking.log_model=false")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "secret.txt").write_text("not for the store")
+    (victim / "other.txt").write_text("kept")
+    return store, run_id, victim
+
+
+def craft(pending: Path, uri: str, run_id: str, lines: list[str]) -> None:
+    """A journal folder as a run leaves it, with `lines` after a first, harmless tag."""
+    pending.mkdir(parents=True, exist_ok=True)
+    (pending / "meta.json").write_text(json.dumps({"uri": uri, "run_id": run_id}))
+    tag = json.dumps({"op": "batch", "metrics": [], "params": {}, "tags": {"crafted": "1"}})
+    (pending / "journal.jsonl").write_text("\n".join([tag, *lines]) + "\n")
+
+
+def file_op(src: str) -> str:
+    return json.dumps({"op": "file", "src": src, "dir": "stolen"})
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        (file_op("{victim}/secret.txt"), "not a file the journal staged"),  # absolute
+        (file_op("../../victim/secret.txt"), "not a file the journal staged"),
+        (file_op("files/000001/../../../victim/secret.txt"), "not a file the journal staged"),
+        (file_op("files/000001/link"), "symbolic link"),  # staged-looking, but a link out
+        (json.dumps({"op": "dir", "src": "files/000001/tree", "dir": "x"}), "symbolic link"),
+        ("{not json", "is not a JSON line"),
+        (json.dumps({"op": "rm", "src": "files/000001/x"}), "not one of a journal's ops"),
+    ],
+)
+def test_a_crafted_journal_is_refused_and_nothing_is_delivered_or_deleted(
+    logged, tmp_path, line, says
+):
+    store, run_id, victim = logged
+    pending = tmp_path / "cnnlab-pending" / run_id
+    (pending / "files" / "000001" / "tree").mkdir(parents=True)
+    (pending / "files" / "000001" / "link").symlink_to(victim / "secret.txt")
+    (pending / "files" / "000001" / "tree" / "inner").symlink_to(victim)
+    craft(pending, store.uri, run_id, [line.replace("{victim}", str(victim))])
+
+    error = one_error_line(cnnlab("sync", pending, cwd=tmp_path))
+    assert error.startswith(f"cnnlab-sync: error: {pending / 'journal.jsonl'} line 2 ")
+    assert says in error and error.endswith("refused: nothing was delivered or deleted")
+    # Nothing deleted: the user's files, the journal; nothing delivered, not even the tag first.
+    assert sorted(p.name for p in victim.iterdir()) == ["other.txt", "secret.txt"]
+    assert (pending / "journal.jsonl").exists() and (pending / "files" / "000001").is_dir()
+    assert "crafted" not in store.client.get_run(run_id).data.tags
+    assert store.client.list_artifacts(run_id, "stolen") == []
+
+
+def test_resume_refuses_a_crafted_journal_the_same_way(logged, tmp_path):
+    # train.resume delivers a run's left journal first: the same refusal, the run as it was.
+    store, run_id, victim = logged
+    pending = tmp_path / "cnnlab-pending" / run_id
+    craft(pending, store.uri, run_id, [file_op(str(victim / "secret.txt"))])
+    error = one_error_line(cnnlab("train", f"train.resume={run_id}", cwd=tmp_path))
+    assert error.startswith("cnnlab-train: error: ") and "not a file the journal staged" in error
+    assert sorted(p.name for p in victim.iterdir()) == ["other.txt", "secret.txt"]
+    assert (pending / "journal.jsonl").exists()
+    assert store.only_run().info.status == "FINISHED"
+
+
+def test_a_journal_of_staged_files_is_still_delivered(logged, tmp_path):
+    store, run_id, _ = logged
+    pending = tmp_path / "cnnlab-pending" / run_id
+    (pending / "files" / "000001").mkdir(parents=True)
+    (pending / "files" / "000001" / "notes.txt").write_text("staged by the run")
+    craft(pending, store.uri, run_id, [file_op("files/000001/notes.txt")])
+    done = cnnlab("sync", pending, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert store.client.get_run(run_id).data.tags["crafted"] == "1"
+    assert [a.path for a in store.client.list_artifacts(run_id, "stolen")] == ["stolen/notes.txt"]
+    assert not pending.exists()  # delivered: the journal's own folder is removed
