@@ -484,6 +484,7 @@ class Tracker:
         self.client = client
         self.uri = uri
         self.run_id = run_id
+        self.ended: str | None = None  # the status `end` closed the run with, once it has
         self.experiment_id = experiment_id
         self.flush_timeout = flush_timeout
         self._logged_until: dict[str, int] = {}  # metric -> last step already in the store
@@ -614,6 +615,7 @@ class Tracker:
                 f"{self.journal.pending()} logged item(s) of run {self.run_id} are kept in "
                 f"{folder}: upload them with `cnnlab-sync {folder}` once it is back"
             )
+        self.ended = status
 
     def set_running(self) -> None:
         """Mark the run RUNNING again, to continue it (at once: a dead store fails the resume)."""

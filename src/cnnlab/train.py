@@ -410,19 +410,15 @@ def open_run(
         else:
             run, progress = NullTracker(), Progress()
         interval = cfg.tracking.system_metrics_interval if cfg.tracking.system_metrics else None
-        ended = "FAILED"
         try:
             with closing_run(run), system_metrics(run, interval, resumed=bool(cfg.train.resume)):
                 if not cfg.train.resume:
                     log_config(run, cfg)
                 yield run, progress
-            ended = "FINISHED"
-        except (KeyboardInterrupt, TrialPruned):
-            ended = "KILLED"
-            raise
         finally:
-            if run.run_id is not None:
-                say_where_it_went(run.run_id, ended, uri, launch_dir())
+            # Once the store has it (else the error says where its logs wait).
+            if run.run_id is not None and run.ended is not None:
+                say_where_it_went(run.run_id, run.ended, uri, launch_dir())
 
 
 def resumed_run(
