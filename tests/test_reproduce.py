@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
-from helpers import Store, cnnlab, data_overrides, synthetic_split, train_in_process
+from helpers import (
+    Store,
+    cli_env,
+    cnnlab,
+    data_overrides,
+    one_error_line,
+    synthetic_split,
+    train_in_process,
+)
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +92,26 @@ def test_predict_converts_any_image_like_the_training_data(logged_run, tmp_path)
     assert plain.split()[2] == big_line.split()[2]
     probabilities = [float(p.split(":")[1]) for p in plain.split("[")[1].rstrip("]").split()]
     assert len(probabilities) == 10 and abs(sum(probabilities) - 1) < 0.006  # 3-decimal rounding
+
+
+def test_a_logged_config_is_never_resolved_again(tiny_data, tmp_path):
+    # Someone who can write to the store puts an interpolation into a run's logged config: a
+    # command that reads it back would resolve it here, and log this machine's secret.
+    store, run_id = train_in_process(tmp_path, tiny_data)
+    local = store.client.download_artifacts(run_id, "config/config.yaml", str(tmp_path))
+    logged = yaml.safe_load(Path(local).read_text())
+    logged["data"]["name"] = "${oc.env:SECRET_TOKEN}"
+    crafted = tmp_path / "crafted" / "config.yaml"
+    crafted.parent.mkdir()
+    crafted.write_text(yaml.safe_dump(logged))
+    store.client.log_artifact(run_id, str(crafted), "config")
+
+    env = cli_env(SECRET_TOKEN="hunter2")
+    uri = f"tracking.uri={store.uri}"
+    for command in (["reproduce", run_id, uri], ["eval", run_id, uri],
+                    ["train", f"train.resume={run_id}", uri]):  # fmt: skip
+        error = one_error_line(cnnlab(*command, cwd=tmp_path, env=env))
+        assert f"run {run_id}'s logged config holds an interpolation at data.name" in error
+        assert "hunter2" not in error
+    [run] = store.runs()  # no new run, and the one there is as it was
+    assert run.info.status == "FINISHED" and "hunter2" not in str(run.data)

@@ -935,7 +935,32 @@ def run_config(uri: str, run_id: str, missing_ok: bool = False) -> dict[str, Any
             if missing_ok:
                 return None
             raise TrackingError(f"run {run_id} logged no config/config.yaml")
-        return yaml.safe_load(path.read_text())
+        tree = yaml.safe_load(path.read_text())
+    if where := _interpolation(tree):
+        # cnnlab logs the resolved config; an interpolation there was put in by someone else,
+        # and resolving it here would read this machine (${oc.env:SECRET}) into the new run.
+        raise TrackingError(
+            f"run {run_id}'s logged config holds an interpolation at {where}: a logged config "
+            "is the resolved one, and cnnlab resolves nothing in it; refused"
+        )
+    return tree
+
+
+def _interpolation(node: Any, key: str = "") -> str | None:
+    """The first key of a plain config tree whose name or value holds ${...}."""
+    if isinstance(node, str):
+        return (key or "its top") if "${" in node else None
+    if isinstance(node, dict):
+        children = node.items()
+    else:
+        children = enumerate(node) if isinstance(node, list) else ()
+    for name, value in children:
+        path = f"{key}.{name}" if key else str(name)
+        if "${" in str(name):
+            return path
+        if found := _interpolation(value, path):
+            return found
+    return None
 
 
 def run_state(uri: str, run_id: str, artifact_path: str) -> tuple[str, bool]:
