@@ -117,3 +117,12 @@ def _isolated_env(monkeypatch):
     for name in ("MLFLOW_TRACKING_URI", "CNNLAB_DATA_ROOT", "MLFLOW_TRACKING_USERNAME",
                  "MLFLOW_TRACKING_PASSWORD"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items):
+    # A test that starts a server or a cluster is an integration test, deselected by default,
+    # whether or not it also says so.
+    for item in items:
+        if item.get_closest_marker("server") or item.get_closest_marker("cluster"):
+            item.add_marker(pytest.mark.integration)

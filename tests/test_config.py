@@ -279,3 +279,10 @@ def test_configs_logged_before_the_debug_keys_existed_still_type(compose_cfg):
         del logged["train"][key]
     train = schema.typed_config(logged).train
     assert (train.limit_batches, train.limit_eval_batches, train.overfit_batches) == (None, None, 0)
+
+
+def test_a_config_logged_with_the_old_bench_block_is_typed_again(compose_cfg):
+    # Runs logged before the bench block left the training config carry `bench: null`.
+    logged = OmegaConf.to_container(compose_cfg(), resolve=True)
+    cfg = schema.typed_config({**logged, "bench": None}, ["train.epochs=2"])
+    assert "bench" not in cfg and cfg.train.epochs == 2

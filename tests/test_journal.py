@@ -79,12 +79,13 @@ def test_resume_refuses_a_crafted_journal_the_same_way(logged, tmp_path):
     assert store.only_run().info.status == "FINISHED"
 
 
-def test_a_journal_of_staged_files_is_still_delivered(logged, tmp_path):
+@pytest.mark.parametrize("write", ["000001", "1000000"])  # the millionth write on: 7 digits
+def test_a_journal_of_staged_files_is_still_delivered(logged, tmp_path, write):
     store, run_id, _ = logged
     pending = tmp_path / "cnnlab-pending" / run_id
-    (pending / "files" / "000001").mkdir(parents=True)
-    (pending / "files" / "000001" / "notes.txt").write_text("staged by the run")
-    craft(pending, store.uri, run_id, [file_op("files/000001/notes.txt")])
+    (pending / "files" / write).mkdir(parents=True)
+    (pending / "files" / write / "notes.txt").write_text("staged by the run")
+    craft(pending, store.uri, run_id, [file_op(f"files/{write}/notes.txt")])
     done = cnnlab("sync", pending, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert store.client.get_run(run_id).data.tags["crafted"] == "1"

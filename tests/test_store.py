@@ -185,3 +185,45 @@ def test_a_bad_checkpoint_is_refused_in_one_line_and_the_run_left_as_it_was(
     assert after.info.status == before.info.status == "FINISHED"
     assert after.info.end_time == before.info.end_time
     assert after.data.metrics == before.data.metrics and "cnnlab.error" not in after.data.tags
+
+
+def another_programs_database(db: Path) -> None:
+    with sqlite3.connect(db) as connection:
+        connection.execute("CREATE TABLE notes (text TEXT)")
+    connection.close()
+
+
+# Commands that only read a store: what they are given on the command line, besides the store.
+READERS = [
+    ("eval", ["0" * 32]),
+    ("predict", ["0" * 32, "digit.png"]),
+    ("reproduce", ["0" * 32]),
+]
+
+
+@pytest.mark.parametrize(("command", "args"), READERS)
+def test_reading_commands_never_create_a_store(tmp_path, command, args):
+    done = cnnlab(command, *args, cwd=tmp_path)
+    line = one_error_line(done)
+    assert line == (
+        f"cnnlab-{command}: error: no MLflow store at {tmp_path / 'mlflow.db'}: train a run "
+        "first (cnnlab-train), or point tracking.uri at a store"
+    )
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no mlartifacts
+
+
+@pytest.mark.parametrize(("command", "args"), READERS)
+@pytest.mark.parametrize(
+    "spoil,says",
+    [
+        (overwrite_with_text, "is not a SQLite database"),
+        (another_programs_database, "is another program's SQLite database"),
+    ],
+)
+def test_reading_commands_refuse_a_spoiled_store_and_leave_it(tmp_path, command, args, spoil, says):
+    db = tmp_path / "mlflow.db"
+    spoil(db)
+    before = db.read_bytes()
+    line = one_error_line(cnnlab(command, *args, cwd=tmp_path))
+    assert line.startswith(f"cnnlab-{command}: error: {db} {says}")
+    assert db.read_bytes() == before  # not migrated, not repaired, not replaced

@@ -15,9 +15,13 @@ class CnnlabError(Exception):
     already_said = False  # True: reported where it happened; the command exits 1 without a line
 
 
-# What installs the optional features (SLURM and Ray launchers, a PostgreSQL store), for the
-# one line that says so when one is asked for without it.
+# What installs the optional features (SLURM and Ray launchers, a PostgreSQL store).
 CLUSTER_EXTRA = "pip install -e '.[cluster]'"
+
+
+def needs_cluster_extra(feature: str, package: str) -> str:
+    """The one line for a feature of the cluster extra asked for without it."""
+    return f"{feature} needs {package}, which is not installed: {CLUSTER_EXTRA}"
 
 
 def one_line(exc: BaseException) -> str:

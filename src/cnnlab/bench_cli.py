@@ -10,7 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from cnnlab import CnnlabError
+from cnnlab import CnnlabError, schema
 from cnnlab.cli import CONF_DIR, run_cli
 
 
@@ -18,6 +18,7 @@ from cnnlab.cli import CONF_DIR, run_cli
 def hydra_main(cfg: DictConfig) -> None:
     """The Hydra task behind cnnlab-bench."""
     try:
+        schema.validate(cfg)  # before torch is imported: a bad value is one line, at once
         from cnnlab.bench import run_bench
 
         run_bench(cfg)

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def setup_hardware(hardware: DictConfig) -> torch.device:
     """Apply hardware.threads (0: the job's CPUs) and determinism; the device to train on."""
     # Set both ways every time: jobs of a sweep share this process.
-    torch.set_num_threads(hardware.threads or rank_share(allotted_cpus()) or _DEFAULT_THREADS)
+    torch.set_num_threads(hardware.threads or job_threads() or _DEFAULT_THREADS)
     if hardware.deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; harmless on the CPU.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -49,7 +49,24 @@ def setup_hardware(hardware: DictConfig) -> torch.device:
     return device
 
 
-def allotted_cpus() -> int | None:
+def job_threads() -> int | None:
+    """Torch threads for hardware.threads=0: the CPUs a scheduler gave this job, or under
+    torchrun this rank's share of them (or of the machine's); None: torch's default."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    # torchrun sets OMP_NUM_THREADS=1 where it was unset, and warns to tune it; any other value
+    # is the user's, which torch's default already follows.
+    if "RANK" not in os.environ or ranks < 1 or os.environ.get("OMP_NUM_THREADS", "1") != "1":
+        return allotted_cpus()
+    available = allotted_cpus(joblib_share=False) or len(os.sched_getaffinity(0))
+    share = max(1, available // ranks)
+    log.info(
+        "torchrun: %d rank(s) on this node share %d CPUs: %d torch thread(s) each "
+        "(hardware.threads=N sets another count)", ranks, available, share,
+    )  # fmt: skip
+    return share
+
+
+def allotted_cpus(joblib_share: bool = True) -> int | None:
     """The CPUs a scheduler gave this job (Ray task, SLURM job), or None outside one.
 
     Without this a job uses one thread per core of the node and its neighbours' cores too:
@@ -66,20 +83,5 @@ def allotted_cpus() -> int | None:
     if not slurm.isdigit() or int(slurm) == 0:
         return None
     # At most torch's default: a joblib worker inside an allocation shares its CPUs (loky set
-    # OMP_NUM_THREADS = cores // jobs, which that default follows).
-    return min(int(slurm), _DEFAULT_THREADS)
-
-
-def rank_share(cpus: int | None) -> int | None:
-    """Under torchrun, each rank's share of `cpus` (None: this machine's) among the node's
-    ranks; outside it `cpus` as given."""
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
-    if ranks < 1 or "RANK" not in os.environ:
-        return cpus
-    available = cpus or len(os.sched_getaffinity(0))
-    share = max(1, available // ranks)
-    log.info(
-        "torchrun: %d rank(s) on this node share %d CPUs: %d torch thread(s) each "
-        "(hardware.threads=N sets another count)", ranks, available, share,
-    )  # fmt: skip
-    return share
+    # OMP_NUM_THREADS = cores // jobs, which that default follows; torchrun's 1 is no share).
+    return min(int(slurm), _DEFAULT_THREADS) if joblib_share else int(slurm)

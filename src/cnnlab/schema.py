@@ -27,7 +27,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from cnnlab import CLUSTER_EXTRA, CnnlabError
+from cnnlab import CnnlabError, needs_cluster_extra
 from cnnlab.catalog import (
     DATASETS,
     DEFAULT_SPLITS,
@@ -133,7 +133,7 @@ class DataConf:
 @dataclass
 class HardwareConf:
     device: str = "auto"  # auto (CUDA when a GPU is visible, else the CPU) | cpu | cuda | cuda:N
-    threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
+    threads: int = 0  # torch intra-op threads; 0: the job's CPUs (a torchrun rank: its share)
     deterministic: bool = False  # true: torch.use_deterministic_algorithms, bit-identical reruns
     cuda_graphs: bool = False  # replay each training step as one CUDA graph (GPU only)
 
@@ -315,6 +315,8 @@ def typed_config(tree: dict[str, Any], overrides: list[str] = ()) -> DictConfig:
             f"{bad[0]}: give key=value overrides of the logged config (a group switch such as "
             "optimizer=sgd needs cnnlab-train)"
         )
+    if tree.get("bench", 0) is None:  # logged while the bench block was in every config
+        tree = {k: v for k, v in tree.items() if k != "bench"}
     data = tree.get("data")
     if isinstance(data, dict) and "folder" in data and "dataset" not in data:
         # Logged before data.dataset: data.folder named torchvision's class (MNIST, ...).
@@ -591,11 +593,9 @@ def describe_config_error(exc: Exception) -> str:
     cause = exc.__cause__ or exc
     if isinstance(cause, CnnlabError):  # e.g. a launcher whose plugin is not installed
         return str(cause)
-    if "hydra/launcher/submitit_slurm" in str(exc):  # conf/hydra/launcher/slurm.yaml's base
-        return (
-            f"hydra/launcher=slurm needs hydra-submitit-launcher, which is not installed: "
-            f"{CLUSTER_EXTRA}"
-        )
+    if getattr(exc, "missing_cfg_file", None) == "hydra/launcher/submitit_slurm":
+        # The plugin's preset, which conf/hydra/launcher/slurm.yaml builds on, is not there.
+        return needs_cluster_extra("hydra/launcher=slurm", "hydra-submitit-launcher")
     key = getattr(cause, "full_key", None)
     if isinstance(exc, MissingConfigException) and exc.options:
         group, _, option = (exc.missing_cfg_file or "").rpartition("/")

@@ -17,7 +17,7 @@ import urllib.request
 from contextlib import suppress
 from pathlib import Path
 
-from cnnlab import CLUSTER_EXTRA, CnnlabError, one_line
+from cnnlab import CnnlabError, needs_cluster_extra, one_line
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     check, or at once if a PostgreSQL store's driver is not installed."""
     if uri.startswith("postgresql") and importlib.util.find_spec("psycopg") is None:
         # SQLAlchemy 2 maps postgresql:// to psycopg 3, which only the cluster extra installs.
-        raise TrackingError(
-            f"tracking.uri={uri.partition(':')[0]}://... needs psycopg, which is not installed: "
-            f"{CLUSTER_EXTRA}"
-        )
+        scheme = uri.partition(":")[0]
+        raise TrackingError(needs_cluster_extra(f"tracking.uri={scheme}://...", "psycopg"))
     if not uri.startswith(("http://", "https://")):
         return
     try:

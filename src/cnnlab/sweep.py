@@ -130,11 +130,11 @@ class SweepCallback(Callback):
         """Log the summary on the parent and close it: FAILED if any job failed."""
         if self.parent is None:
             return
-        parent, status = self.parent, "FAILED"
+        parent = self.parent
         try:
             self._summarize(parent)
-            status = "FAILED" if failed_jobs() else "FINISHED"
         finally:
+            status = "FAILED" if failed_jobs() else "FINISHED"
             end_open_parent(status)
             self.parent = None
         # (This is the launching process: Hydra has not moved into a job's folder.)

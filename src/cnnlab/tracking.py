@@ -195,7 +195,7 @@ class JournalError(CnnlabError):
 
 
 # What a journal's file op names: a file or folder Journal.stage made, files/<write>/<name>.
-_STAGED = re.compile(r"files/\d{6}/(?!\.\.?$)[^/\\\x00]+")
+_STAGED = re.compile(r"files/\d{6,}/(?!\.\.?$)[^/\\\x00]+")  # 6 digits, more past 999999
 
 
 def staged_source(folder: Path, src: Any) -> Path:
@@ -207,7 +207,7 @@ def staged_source(folder: Path, src: Any) -> Path:
     """
     path = folder / str(src)
     if not isinstance(src, str) or not _STAGED.fullmatch(src):
-        raise JournalError(f"names {src!r}, not a file the journal staged (files/NNNNNN/name)")
+        raise JournalError(f"names {src!r}, not a file the journal staged (files/<number>/name)")
     links = [p for p in (folder / "files", path.parent, path) if p.is_symlink()]
     if path.is_dir():  # a logged folder or model: nothing in it may lead out either
         links += [p for p in path.rglob("*") if p.is_symlink()]
@@ -376,16 +376,22 @@ def sync(folder: Path) -> tuple[str, str, int]:
 _SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database
 
 
-def check_store(uri: str) -> None:
+def check_store(uri: str, existing: bool = False) -> None:
     """Fail in one line, naming the file and the fix, if a SQLite store can't be used as it is.
 
-    A missing or empty file passes (a new store). A truncated or corrupt file, another program's
-    database, or a file where the store's `mlartifacts` folder belongs is refused and left as it
-    is, before MLflow writes anything.
+    A missing or empty file passes (a new store), unless the store must be `existing` (commands
+    that only read, which never create or migrate one). A truncated or corrupt file, another
+    program's database, or a file where the store's `mlartifacts` folder belongs is refused and
+    left as it is, before MLflow writes anything.
     """
     db = sqlite_file(uri)
     if db is None:
         return
+    if existing and (not db.exists() or (db.is_file() and db.stat().st_size == 0)):
+        raise TrackingError(
+            f"no MLflow store at {db}: train a run first (cnnlab-train), or point tracking.uri "
+            "at a store"
+        )
     artifacts = artifacts_beside(db)
     if artifacts.exists() and not artifacts.is_dir():
         raise TrackingError(
@@ -696,7 +702,7 @@ def load_model(model_ref: str, tracking_uri: str, trust_store: bool = False) -> 
     MLflow stores it instead (a pickle, a torch.export program, bundled code), which can run code.
     """
     check_reachable(tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
+    check_store(tracking_uri, existing=True)  # only reads: never creates or migrates a store
     model_uri, run_id, config = model_ref, None, None
     if "://" not in model_ref and ":/" not in model_ref:  # a run id: the model that run logged
         tags = _get_run(tracking_uri, model_ref)[1].data.tags
@@ -705,7 +711,10 @@ def load_model(model_ref: str, tracking_uri: str, trust_store: bool = False) -> 
         model_uri, run_id = tags["cnnlab.model_uri"], model_ref
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+            local = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=model_uri, dst_path=tmp, tracking_uri=tracking_uri,
+                registry_uri=tracking_uri,  # models:/NAME@ALIAS: this store's registry
+            ))  # fmt: skip
             mlmodel = yaml.safe_load((local / "MLmodel").read_text())
         except (mlflow.exceptions.MlflowException, OSError, yaml.YAMLError) as exc:
             raise TrackingError(
@@ -907,6 +916,7 @@ def attach_run(uri: str, run_id: str, spool: Path, flush_timeout: float = 60.0) 
 
 def _get_run(uri: str, run_id: str) -> tuple[MlflowClient, Any]:
     """A client for `uri` and run `run_id` read from it, with a clear error if there is none."""
+    check_store(uri, existing=True)  # a run is read: the store must be there, and MLflow's
     client = MlflowClient(tracking_uri=uri)
     try:
         return client, client.get_run(run_id)

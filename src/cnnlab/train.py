@@ -28,9 +28,10 @@ from cnnlab import (
     schema,
     sweep,
 )
+from cnnlab.catalog import IDX_SETS
 from cnnlab.checkpoint import Progress
 from cnnlab.cli import launch_dir, launch_path, store_uri
-from cnnlab.data import IDX_SETS, Dataset, Split, data_arguments, load_dataset
+from cnnlab.data import Dataset, Split, data_arguments, load_dataset
 from cnnlab.distributed import World, world_from_env
 from cnnlab.hardware import setup_hardware
 from cnnlab.loop import TrainingInterrupted, evaluate, predicted, train_one_epoch
@@ -138,12 +139,12 @@ def _train(cfg: DictConfig, world: World, extra_tags: dict[str, str] | None) -> 
         accuracy = fit(
             cfg, model, optimizer, train_split, test_split, run, progress, world, val_split, trial
         )
-        print("Training process has finished.")
         if cfg.train.overfit_batches:
             per_epoch = batches_per_epoch(len(train_split), cfg.train.batch_size,
                                           cfg.train.limit_batches)  # fmt: skip
             check_overfit(model, train_split, cfg.train, run, step=cfg.train.epochs * per_epoch)
         log_results(cfg, run, model, data, test_split, accuracy)
+        print("Training process has finished.")
     return accuracy
 
 
@@ -410,14 +411,18 @@ def open_run(
         else:
             run, progress = NullTracker(), Progress()
         interval = cfg.tracking.system_metrics_interval if cfg.tracking.system_metrics else None
+        pruned = False  # a search's pruned trial: the search reports it, nothing to continue
         try:
             with closing_run(run), system_metrics(run, interval, resumed=bool(cfg.train.resume)):
                 if not cfg.train.resume:
                     log_config(run, cfg)
                 yield run, progress
+        except TrialPruned:
+            pruned = True
+            raise
         finally:
             # Once the store has it (else the error says where its logs wait).
-            if run.run_id is not None and run.ended is not None:
+            if run.run_id is not None and run.ended is not None and not pruned:
                 say_where_it_went(run.run_id, run.ended, uri, launch_dir())
 
 

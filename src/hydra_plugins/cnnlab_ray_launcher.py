@@ -15,7 +15,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from cnnlab import CLUSTER_EXTRA, CnnlabError
+from cnnlab import CnnlabError, needs_cluster_extra
 
 
 class CnnlabRayLauncher(Launcher):
@@ -43,9 +43,7 @@ class CnnlabRayLauncher(Launcher):
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         try:
             from cnnlab.ray_launcher import launch
-        except ImportError as exc:
-            raise CnnlabError(
-                f"hydra/launcher=ray needs Ray, which is not installed ({exc}): {CLUSTER_EXTRA}"
-            ) from None
+        except ImportError:
+            raise CnnlabError(needs_cluster_extra("hydra/launcher=ray", "Ray")) from None
 
         return launch(self, job_overrides, initial_job_idx)

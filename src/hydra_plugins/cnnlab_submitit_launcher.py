@@ -14,7 +14,7 @@ from typing import Any
 
 from hydra.core.utils import JobReturn
 
-from cnnlab import CLUSTER_EXTRA, CnnlabError
+from cnnlab import CnnlabError, needs_cluster_extra
 
 try:
     from hydra_plugins.hydra_submitit_launcher import submitit_launcher
@@ -93,8 +93,7 @@ else:
         def __init__(self, **_: Any) -> None:
             name = "slurm" if isinstance(self, CnnlabSlurmLauncher) else "submitit_local"
             raise CnnlabError(
-                f"hydra/launcher={name} needs hydra-submitit-launcher, which is not "
-                f"installed: {CLUSTER_EXTRA}"
+                needs_cluster_extra(f"hydra/launcher={name}", "hydra-submitit-launcher")
             )
 
         def setup(self, **_: Any) -> None:
