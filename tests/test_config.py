@@ -124,6 +124,10 @@ def test_unknown_keys_and_wrong_types_fail_at_compose(compose_cfg, override):
         ("tracking.register_as=a/b", "tracking.register_as"),
         ('tracking.register_as="it\'s"', "tracking.register_as"),  # MLflow's filters break
         ("tracking.system_metrics_interval=0", "tracking.system_metrics_interval"),
+        ("tracking.uri=ftp://127.0.0.1/runs", "tracking.uri"),
+        ("tracking.uri=file:", "tracking.uri"),
+        ("tracking.uri=file:///tmp/mlruns", "tracking.uri"),
+        ("tracking.uri=mlruns", "tracking.uri"),
     ],
 )
 def test_impossible_values_name_the_key(compose_cfg, override, key):

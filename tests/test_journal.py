@@ -91,3 +91,17 @@ def test_a_journal_of_staged_files_is_still_delivered(logged, tmp_path, write):
     assert store.client.get_run(run_id).data.tags["crafted"] == "1"
     assert [a.path for a in store.client.list_artifacts(run_id, "stolen")] == ["stolen/notes.txt"]
     assert not pending.exists()  # delivered: the journal's own folder is removed
+
+
+def test_a_journal_naming_a_store_that_is_not_there_creates_none(logged, tmp_path):
+    store, run_id, _ = logged
+    pending = tmp_path / "cnnlab-pending" / run_id
+    elsewhere = tmp_path / "elsewhere" / "mlflow.db"
+    elsewhere.parent.mkdir()
+    craft(pending, f"sqlite:///{elsewhere}", run_id, [])
+    error = one_error_line(cnnlab("sync", pending, cwd=tmp_path))
+    assert error == (
+        f"cnnlab-sync: error: no MLflow store at {elsewhere}: train a run first (cnnlab-train), "
+        "or point tracking.uri at a store"
+    )
+    assert list(elsewhere.parent.iterdir()) == [] and (pending / "journal.jsonl").exists()

@@ -380,6 +380,11 @@ def _non_negative(v: Any) -> bool:
 # (key, check, what a valid value is). Keys absent from the chosen option (momentum under adam)
 # are skipped; the schema already rejects keys that don't exist anywhere.
 _NOT_IN_NAMES = "/:'\"\\"  # MLflow's registry refuses them or its filters break on them
+# Stores MLflow 3 opens: SQLite files, a tracking server, databases, Databricks. Not `file:`
+# (MLflow 3 refuses its old file store) nor anything else (ftp:, a bare path).
+_STORE_URI = re.compile(
+    r"sqlite:///.+|https?://.+|(postgresql|mysql|mssql)(\+\w+)?://.+|databricks(-uc)?(://.*)?"
+)
 
 
 def _alias(value: str) -> bool:
@@ -429,6 +434,12 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("hardware.device", lambda v: bool(_DEVICE.match(v)), "one of auto, cpu, cuda, cuda:N"),
     ("hardware.threads", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: default)"),
     ("tracking.experiment", lambda v: bool(v.strip()), "a non-empty name"),
+    (
+        "tracking.uri",
+        lambda v: bool(_STORE_URI.fullmatch(v)),
+        "sqlite:///PATH, http(s)://HOST:PORT of an mlflow server, postgresql://USER@HOST/DB, or "
+        "null for ./mlflow.db (MLflow 3 keeps no runs in file: stores)",
+    ),
     ("tracking.request_timeout", _positive_int, "a whole number of seconds >= 1"),
     ("tracking.flush_timeout", _non_negative, "a number of seconds >= 0"),
     ("tracking.pending_dir", lambda v: bool(v.strip()), "a folder"),

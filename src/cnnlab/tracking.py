@@ -354,6 +354,7 @@ def read_journal(folder: Path) -> tuple[dict[str, str], list[dict[str, Any]], in
 def sync(folder: Path) -> tuple[str, str, int]:
     """Deliver a journal left by a process that could not reach its store: (uri, run, count)."""
     meta, ops, delivered = read_journal(folder)
+    check_store(meta["uri"], existing=True)  # the run's store: never one its meta.json makes up
     client = MlflowClient(tracking_uri=meta["uri"])
     sent = 0
     while ops:
