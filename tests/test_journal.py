@@ -12,15 +12,21 @@ import pytest
 from helpers import cnnlab, one_error_line, train_in_process
 
 
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory) -> tuple:
+    """A finished run, for the tests that leave its store as it was: (store, run id)."""
+    folder = tmp_path_factory.mktemp("journal-store")
+    return train_in_process(folder, tiny_data, "tracking.log_model=false")
+
+
 @pytest.fixture
-def logged(tiny_data, tmp_path) -> tuple:
-    """A finished run in ./mlflow.db, and files of the user's beside it that a journal names."""
-    store, run_id = train_in_process(tmp_path, tiny_data, "tracking.log_model=false")
+def logged(trained, tmp_path) -> tuple:
+    """The run, and files of the user's in the test's folder that a journal names."""
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "secret.txt").write_text("not for the store")
     (victim / "other.txt").write_text("kept")
-    return store, run_id, victim
+    return *trained, victim
 
 
 def craft(pending: Path, uri: str, run_id: str, lines: list[str]) -> None:
@@ -67,10 +73,11 @@ def test_a_crafted_journal_is_refused_and_nothing_is_delivered_or_deleted(
     assert store.client.list_artifacts(run_id, "stolen") == []
 
 
-def test_resume_refuses_a_crafted_journal_the_same_way(logged, tmp_path):
+def test_resume_refuses_a_crafted_journal_the_same_way(logged, tiny_data, tmp_path):
     # train.resume delivers a run's left journal first: the same refusal, the run as it was.
-    store, run_id, victim = logged
-    pending = tmp_path / "cnnlab-pending" / run_id
+    _, _, victim = logged
+    store, run_id = train_in_process(tmp_path, tiny_data, "tracking.log_model=false")
+    pending = tmp_path / "cnnlab-pending" / run_id  # the run's tracking.pending_dir
     craft(pending, store.uri, run_id, [file_op(str(victim / "secret.txt"))])
     error = one_error_line(cnnlab("train", f"train.resume={run_id}", cwd=tmp_path))
     assert error.startswith("cnnlab-train: error: ") and "not a file the journal staged" in error
@@ -80,8 +87,8 @@ def test_resume_refuses_a_crafted_journal_the_same_way(logged, tmp_path):
 
 
 @pytest.mark.parametrize("write", ["000001", "1000000"])  # the millionth write on: 7 digits
-def test_a_journal_of_staged_files_is_still_delivered(logged, tmp_path, write):
-    store, run_id, _ = logged
+def test_a_journal_of_staged_files_is_still_delivered(tiny_data, tmp_path, write):
+    store, run_id = train_in_process(tmp_path, tiny_data, "tracking.log_model=false")
     pending = tmp_path / "cnnlab-pending" / run_id
     (pending / "files" / write).mkdir(parents=True)
     (pending / "files" / write / "notes.txt").write_text("staged by the run")

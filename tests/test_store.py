@@ -212,12 +212,12 @@ def test_reading_commands_never_create_a_store(tmp_path, command, args):
     assert list(tmp_path.iterdir()) == []  # no mlflow.db, no mlartifacts
 
 
-@pytest.mark.parametrize(("command", "args"), READERS)
 @pytest.mark.parametrize(
-    "spoil,says",
+    ("command", "args", "spoil", "says"),
     [
-        (overwrite_with_text, "is not a SQLite database"),
-        (another_programs_database, "is another program's SQLite database"),
+        (*READERS[0], another_programs_database, "is another program's SQLite database"),
+        (*READERS[1], overwrite_with_text, "is not a SQLite database"),
+        (*READERS[2], another_programs_database, "is another program's SQLite database"),
     ],
 )
 def test_reading_commands_refuse_a_spoiled_store_and_leave_it(tmp_path, command, args, spoil, says):
