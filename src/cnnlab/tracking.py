@@ -704,6 +704,9 @@ def load_model(model_ref: str, tracking_uri: str, trust_store: bool = False) -> 
     """
     check_reachable(tracking_uri)
     check_store(tracking_uri, existing=True)  # only reads: never creates or migrates a store
+    # MLflow resolves a models:/ URI through its global tracking URI only (download_artifacts'
+    # tracking_uri does not reach logged models): set to this store, for this command's process.
+    mlflow.set_tracking_uri(tracking_uri)
     model_uri, run_id, config = model_ref, None, None
     if "://" not in model_ref and ":/" not in model_ref:  # a run id: the model that run logged
         tags = _get_run(tracking_uri, model_ref)[1].data.tags
@@ -712,10 +715,7 @@ def load_model(model_ref: str, tracking_uri: str, trust_store: bool = False) -> 
         model_uri, run_id = tags["cnnlab.model_uri"], model_ref
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=model_uri, dst_path=tmp, tracking_uri=tracking_uri,
-                registry_uri=tracking_uri,  # models:/NAME@ALIAS: this store's registry
-            ))  # fmt: skip
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
             mlmodel = yaml.safe_load((local / "MLmodel").read_text())
         except (mlflow.exceptions.MlflowException, OSError, yaml.YAMLError) as exc:
             raise TrackingError(
