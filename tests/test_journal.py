@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cnnlab.tracking import JournalError, sync
 from helpers import cnnlab, one_error_line, train_in_process
 
 
@@ -63,8 +64,10 @@ def test_a_crafted_journal_is_refused_and_nothing_is_delivered_or_deleted(
     (pending / "files" / "000001" / "tree" / "inner").symlink_to(victim)
     craft(pending, store.uri, run_id, [line.replace("{victim}", str(victim))])
 
-    error = one_error_line(cnnlab("sync", pending, cwd=tmp_path))
-    assert error.startswith(f"cnnlab-sync: error: {pending / 'journal.jsonl'} line 2 ")
+    with pytest.raises(JournalError) as refused:  # cnnlab-sync's own work, in this process
+        sync(pending)
+    error = str(refused.value)
+    assert error.startswith(f"{pending / 'journal.jsonl'} line 2 ")
     assert says in error and error.endswith("refused: nothing was delivered or deleted")
     # Nothing deleted: the user's files, the journal; nothing delivered, not even the tag first.
     assert sorted(p.name for p in victim.iterdir()) == ["other.txt", "secret.txt"]
@@ -73,12 +76,14 @@ def test_a_crafted_journal_is_refused_and_nothing_is_delivered_or_deleted(
     assert store.client.list_artifacts(run_id, "stolen") == []
 
 
-def test_resume_refuses_a_crafted_journal_the_same_way(logged, tiny_data, tmp_path):
+def test_sync_and_resume_refuse_a_crafted_journal_in_one_line(logged, tiny_data, tmp_path):
     # train.resume delivers a run's left journal first: the same refusal, the run as it was.
     _, _, victim = logged
     store, run_id = train_in_process(tmp_path, tiny_data, "tracking.log_model=false")
     pending = tmp_path / "cnnlab-pending" / run_id  # the run's tracking.pending_dir
     craft(pending, store.uri, run_id, [file_op(str(victim / "secret.txt"))])
+    error = one_error_line(cnnlab("sync", pending, cwd=tmp_path))
+    assert error.startswith(f"cnnlab-sync: error: {pending / 'journal.jsonl'} line 2 names ")
     error = one_error_line(cnnlab("train", f"train.resume={run_id}", cwd=tmp_path))
     assert error.startswith("cnnlab-train: error: ") and "not a file the journal staged" in error
     assert sorted(p.name for p in victim.iterdir()) == ["other.txt", "secret.txt"]

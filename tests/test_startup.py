@@ -110,38 +110,29 @@ def _run_id(done: subprocess.CompletedProcess) -> str:
     return line.split("] - ", 1)[-1].split()[1]
 
 
-def test_an_epoch_shorter_than_log_every_logs_its_partial_window(tiny_overrides, tmp_path, store):
-    # 7 mini-batches an epoch, a loss every 20: each epoch's only loss is its 7-batch mean.
-    done = cnnlab(
-        "train", *tiny_overrides, "train.epochs=2", "train.limit_batches=7", cwd=tmp_path
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.count("Loss after mini-batch     7: ") == 2
-    history = store.history(store.only_run().info.run_id, "train_loss")
-    assert [step for step, _ in history] == [7, 14]
-    printed = [float(line.rsplit(":", 1)[1]) for line in done.stdout.splitlines()
-               if line.startswith("Loss after mini-batch")]  # fmt: skip
-    assert [round(loss, 3) for _, loss in history] == printed
-
-
 def test_debug_overfit_prints_about_ten_of_its_epochs(compose_cfg):
     train = compose_cfg(["debug=overfit"]).train
     assert 8 <= train.epochs / train.print_every_epochs <= 12
 
 
-def test_print_every_epochs_prints_the_first_every_nth_and_the_last(
+def test_short_epochs_log_their_partial_window_and_print_every_nth_epoch(
     tiny_overrides, tmp_path, store
 ):
-    args = ["train.epochs=7", "train.print_every_epochs=3", "train.limit_batches=2"]
-    done = cnnlab("train", *tiny_overrides, *args, "train.log_every=2", cwd=tmp_path)
+    # 7 mini-batches an epoch, a loss every 20: each epoch's only loss is its 7-batch mean; and
+    # of the 7 epochs the first, every 3rd and the last are printed, every one logged.
+    args = ["train.epochs=7", "train.limit_batches=7", "train.print_every_epochs=3"]
+    done = cnnlab("train", *tiny_overrides, *args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     printed = [line.split(":")[0] for line in done.stdout.splitlines()
                if line.startswith(("Starting epoch", "Loss after", "Epoch "))]  # fmt: skip
     assert printed == [
-        "Starting epoch 1", "Loss after mini-batch     2", "Epoch 1",
-        "Starting epoch 3", "Loss after mini-batch     2", "Epoch 3",
-        "Starting epoch 6", "Loss after mini-batch     2", "Epoch 6",
-        "Starting epoch 7", "Loss after mini-batch     2", "Epoch 7",
+        "Starting epoch 1", "Loss after mini-batch     7", "Epoch 1",
+        "Starting epoch 3", "Loss after mini-batch     7", "Epoch 3",
+        "Starting epoch 6", "Loss after mini-batch     7", "Epoch 6",
+        "Starting epoch 7", "Loss after mini-batch     7", "Epoch 7",
     ]  # fmt: skip
-    # Every epoch is logged all the same.
-    assert len(store.history(store.only_run().info.run_id, "train_loss")) == 7
+    history = store.history(store.only_run().info.run_id, "train_loss")
+    assert [step for step, _ in history] == [7, 14, 21, 28, 35, 42, 49]
+    losses = [float(line.rsplit(":", 1)[1]) for line in done.stdout.splitlines()
+              if line.startswith("Loss after mini-batch")]  # fmt: skip
+    assert losses == [round(history[i][1], 3) for i in (0, 2, 5, 6)]
