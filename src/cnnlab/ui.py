@@ -32,14 +32,15 @@ def serve(uri: str, host: str, port: int, timeout: float = 120) -> None:
         _print_views(uri, uri)
         return
     db = sqlite_file(uri)
-    if db is None or not db.is_file():
+    if db is None:
         raise CnnlabError(
-            f"no MLflow store at {db or uri}: train a run first (cnnlab-train), or point "
-            "tracking.uri at a store"
+            f"no MLflow store at {uri}: cnnlab-ui serves a SQLite store (tracking.uri=sqlite:///"
+            "PATH) or prints a tracking server's links (tracking.uri=http://HOST:PORT)"
         )
     from cnnlab.tracking import check_store  # MLflow: not for `cnnlab-ui --help`
 
-    check_store(uri)
+    # The store must be there already: serving it never creates or migrates one.
+    check_store(uri, existing=True)
     url = f"http://{host}:{port}"
     _check_free(host, port)  # else another server's /health could pass for this one's
     log = db.parent / "cnnlab-ui.log"
