@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cnnlab.tracking import create_run
-from helpers import Store, cli_env, cnnlab, data_overrides, file_size_limit, one_error_line
+from helpers import Store, cli_env, cnnlab, file_size_limit, one_error_line, train_in_process
 
 
 @pytest.fixture(scope="session")
@@ -124,18 +124,11 @@ def test_a_file_named_mlartifacts_is_refused_and_the_store_kept(
 
 # ----------------------------------------------------------------------------------- checkpoints
 @pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory, cache) -> tuple[Path, str, str]:
+def trained(tiny_data, tmp_path_factory) -> tuple[Path, str, str]:
     """(folder, store URI, run id) of a real one-epoch run, with its checkpoints/last.pt."""
     folder = tmp_path_factory.mktemp("trained")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    done = cnnlab_train(
-        [*data_overrides(*tiny_data), "train.epochs=1", "train.log_every=20", "hardware=cpu",
-         "tracking.log_model=false", f"tracking.uri={uri}"],
-        folder, cache,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    [run] = Store(uri).runs()
-    return folder, uri, run.info.run_id
+    store, run_id = train_in_process(folder, tiny_data, "tracking.log_model=false")
+    return folder, store.uri, run_id
 
 
 class Crafted:
