@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from cnnlab.cli import CONF_DIR
+from cnnlab.config.compose import CONF_DIR
 from helpers import MlflowServer, Store, cli_env, data_overrides, unavailable, write_dataset
 from postgres import PostgreSQL, PostgresUnavailable
 

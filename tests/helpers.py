@@ -29,7 +29,7 @@ import pytest
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from cnnlab.catalog import FILES
+from cnnlab.data.catalog import FILES
 from procs import free_port, stop_group, wait_until  # free_port: tests import it from here
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,7 +250,7 @@ def train_in_process(folder: Path, tiny_data, *overrides: str) -> tuple[Store, s
 
     For tests that need a logged run but do not test cnnlab-train's command line.
     """
-    from cnnlab.cli import compose_config
+    from cnnlab.config.compose import compose_config
     from cnnlab.train import train
 
     store = Store(f"sqlite:///{folder / 'mlflow.db'}")

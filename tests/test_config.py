@@ -13,8 +13,10 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cnnlab import models, schema
-from cnnlab.cli import CONF_DIR
+from cnnlab.config import schema
+from cnnlab.config.compose import CONF_DIR
+from cnnlab.config.validate import typed_config, validate
+from cnnlab.models import networks as models
 from helpers import BIN, cli_env
 
 GROUPS = {
@@ -49,7 +51,7 @@ COMPLETED_BY = {"torchvision": ["model.name=mobilenet_v3_small"], "imagefolder":
 @pytest.mark.parametrize("group,option", [(g, o) for g, options in GROUPS.items() for o in options])
 def test_every_option_composes_and_validates(compose_cfg, group, option):
     cfg = compose_cfg([f"{group}={option}", *COMPLETED_BY.get(option, [])])
-    schema.validate(cfg)
+    validate(cfg)
     assert OmegaConf.missing_keys(cfg) == set()
 
 
@@ -83,7 +85,7 @@ def test_model_options_build(compose_cfg, option):
 
 def test_torchvision_needs_a_model_name(compose_cfg):
     with pytest.raises(schema.ConfigError, match=r"^model.name has no value; set model.name="):
-        schema.validate(compose_cfg(["model=torchvision"]))
+        validate(compose_cfg(["model=torchvision"]))
 
 
 @pytest.mark.parametrize(
@@ -133,7 +135,7 @@ def test_unknown_keys_and_wrong_types_fail_at_compose(compose_cfg, override):
 def test_impossible_values_name_the_key(compose_cfg, override, key):
     cfg = compose_cfg([override])
     with pytest.raises(schema.ConfigError, match=f"^{key}="):
-        schema.validate(cfg)
+        validate(cfg)
 
 
 @pytest.mark.parametrize(
@@ -151,12 +153,12 @@ def test_impossible_values_name_the_key(compose_cfg, override, key):
 def test_appended_keys_outside_the_schema_are_rejected(compose_cfg, override, message):
     # Hydra's `+key=` appends even to a typed node; validate is what catches it.
     with pytest.raises(schema.ConfigError, match=f"^{message}"):
-        schema.validate(compose_cfg([override]))
+        validate(compose_cfg([override]))
 
 
 def test_sgd_momentum_range(compose_cfg):
     with pytest.raises(schema.ConfigError, match="optimizer.momentum"):
-        schema.validate(compose_cfg(["optimizer=sgd", "optimizer.momentum=1.0"]))
+        validate(compose_cfg(["optimizer=sgd", "optimizer.momentum=1.0"]))
 
 
 @pytest.mark.parametrize(
@@ -198,7 +200,7 @@ def test_help_lists_every_option_of_every_group(tmp_path):
 def test_configs_logged_before_cuda_graphs_existed_still_type(compose_cfg):
     logged = OmegaConf.to_container(compose_cfg(), resolve=True)
     del logged["hardware"]["cuda_graphs"]
-    assert schema.typed_config(logged).hardware.cuda_graphs is False
+    assert typed_config(logged).hardware.cuda_graphs is False
 
 
 # ---------------------------------------------------------------- experiment and debug presets
@@ -218,7 +220,7 @@ def test_the_presets_the_readme_promises():
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in PRESETS.items() for o in opts])
 def test_every_preset_composes_and_validates(compose_cfg, group, option):
     cfg = compose_cfg([f"{group}={option}"])
-    schema.validate(cfg)
+    validate(cfg)
     assert OmegaConf.missing_keys(cfg) == set()
     OmegaConf.to_container(cfg, resolve=True)  # interpolations (the throwaway store) resolve
 
@@ -228,7 +230,7 @@ def test_every_preset_composes_and_validates(compose_cfg, group, option):
 def test_every_experiment_composes_with_every_debug_preset(compose_cfg, experiment, debug):
     # A debug preset checks the user's recipe: it must compose over whatever groups it chose.
     cfg = compose_cfg([f"experiment={experiment}", f"debug={debug}"])
-    schema.validate(cfg)
+    validate(cfg)
     assert OmegaConf.missing_keys(cfg) == set()
     OmegaConf.to_container(cfg, resolve=True)
 
@@ -281,12 +283,12 @@ def test_configs_logged_before_the_debug_keys_existed_still_type(compose_cfg):
     logged = OmegaConf.to_container(compose_cfg(), resolve=True)
     for key in ("limit_batches", "limit_eval_batches", "overfit_batches"):
         del logged["train"][key]
-    train = schema.typed_config(logged).train
+    train = typed_config(logged).train
     assert (train.limit_batches, train.limit_eval_batches, train.overfit_batches) == (None, None, 0)
 
 
 def test_a_config_logged_with_the_old_bench_block_is_typed_again(compose_cfg):
     # Runs logged before the bench block left the training config carry `bench: null`.
     logged = OmegaConf.to_container(compose_cfg(), resolve=True)
-    cfg = schema.typed_config({**logged, "bench": None}, ["train.epochs=2"])
+    cfg = typed_config({**logged, "bench": None}, ["train.epochs=2"])
     assert "bench" not in cfg and cfg.train.epochs == 2

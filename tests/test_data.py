@@ -23,10 +23,14 @@ import torchvision
 from omegaconf import OmegaConf
 from PIL import Image
 
-import cnnlab.data as data_module
-from cnnlab.catalog import FILES, dataset_files
-from cnnlab.data import DataError, data_arguments, load_dataset, parse_idx
-from cnnlab.schema import ConfigError, typed_config, validate
+import cnnlab.data.decode as decode_module
+import cnnlab.data.load as load_module
+from cnnlab.config.schema import ConfigError
+from cnnlab.config.validate import typed_config, validate
+from cnnlab.data.catalog import FILES, dataset_files
+from cnnlab.data.decode import parse_idx
+from cnnlab.data.load import data_arguments, load_dataset
+from cnnlab.data.splits import DataError
 from helpers import (
     data_overrides,
     idx_bytes,
@@ -430,12 +434,12 @@ def test_decoded_data_is_cached_once_reused_and_rebuilt_when_a_file_changes(tmp_
     [cached] = sorted(set(cache_files()) - set(before))  # the user's cache dir, not their folder
     assert [p.name for p in raw.iterdir()] and not list((tmp_path / "ro").rglob(".cnnlab*"))
     stamp = cached.stat().st_mtime_ns
-    data_module._LOADED.clear()  # a new process: only the cache file is left
+    load_module._LOADED.clear()  # a new process: only the cache file is left
 
     def no_decoding(*args):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(data_module, "_read_with_torchvision", no_decoding)
+    monkeypatch.setattr(decode_module, "_read_with_torchvision", no_decoding)
     second = load(tmp_path / "ro", md5)
     assert second is not first and torch.equal(second.train.images, first.train.images)
     assert cached.stat().st_mtime_ns == stamp and second.checksum == first.checksum

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cnnlab.tracking import JournalError, sync
+from cnnlab.tracking.journal import JournalError, sync
 from helpers import cnnlab, one_error_line, train_in_process
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnlab.data import Split
-from cnnlab.loop import epoch_order, evaluate, train_one_epoch
-from cnnlab.models import ConvNet
-from cnnlab.step import TrainStep, flat_parameters
+from cnnlab.data.splits import Split
+from cnnlab.models.networks import ConvNet
+from cnnlab.training.loop import epoch_order, evaluate, train_one_epoch
+from cnnlab.training.step import TrainStep, flat_parameters
 
 
 def test_train_one_epoch_yields_window_means_at_batch_numbers():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cnnlab.tracking import load_model
+from cnnlab.inference.loaded import load_model
 from helpers import Store, cnnlab
 
 pytestmark = [pytest.mark.integration, pytest.mark.server]

@@ -8,9 +8,10 @@ import inspect
 import pytest
 import torch
 
-from cnnlab import CnnlabError, reference
-from cnnlab import schema as schemas
-from cnnlab.models import MLP, ConvNet, ModelConfigError, TorchvisionNet
+from cnnlab import CnnlabError
+from cnnlab.config import schema as schemas
+from cnnlab.models import article as reference
+from cnnlab.models.networks import MLP, ConvNet, ModelConfigError, TorchvisionNet
 
 
 def test_convnet_is_the_articles_network():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cnnlab.reference import article_training
+from cnnlab.models.article import article_training
 from cnnlab.train import train
 
 

@@ -19,9 +19,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from cnnlab import CnnlabError
-from cnnlab.models import ConvNet
-from cnnlab.predict import image_tensor
-from cnnlab.tracking import load_model
+from cnnlab.inference.loaded import load_model
+from cnnlab.inference.predict import image_tensor
+from cnnlab.models.networks import ConvNet
 from helpers import cnnlab, data_overrides, synthetic_split, train_in_process
 
 

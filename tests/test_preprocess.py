@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnlab.data import Split
-from cnnlab.loop import TrainingInterrupted, train_one_epoch
-from cnnlab.models import ConvNet
-from cnnlab.preprocess import Augment, Normalized, on_device, to_float
-from cnnlab.step import TrainStep, flat_parameters
+from cnnlab.data.preprocess import Augment, Normalized, on_device, to_float
+from cnnlab.data.splits import Split
+from cnnlab.models.networks import ConvNet
+from cnnlab.training.loop import TrainingInterrupted, train_one_epoch
+from cnnlab.training.step import TrainStep, flat_parameters
 from helpers import Store, cnnlab, one_error_line
 
 

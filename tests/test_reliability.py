@@ -12,7 +12,7 @@ import torch
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from cnnlab.tracking import load_model
+from cnnlab.inference.loaded import load_model
 from helpers import Proxy, Running, Store, cnnlab, file_size_limit, train_in_process
 
 LOSS = re.compile(r"Loss after mini-batch\s+(\d+): ([\d.]+)")

@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from cnnlab import CnnlabError
-from cnnlab.tracking import run_config
+from cnnlab.tracking.queries import run_config
 from helpers import (
     Store,
     cli_env,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cnnlab import CnnlabError
-from cnnlab.train import resumed_config
+from cnnlab.tracking.lifecycle import resumed_config
 from helpers import Running, Store, cnnlab, one_error_line, train_in_process
 
 EXTRA = ["train.epochs=2", "train.log_every=5", "tracking.log_model=false"]

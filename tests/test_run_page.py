@@ -15,8 +15,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from cnnlab import figures, schema
-from cnnlab.tracking import create_run
+from cnnlab.config import schema
+from cnnlab.config.validate import validate
+from cnnlab.tracking import figures
+from cnnlab.tracking.run import create_run
 from helpers import Running, Store, cnnlab, free_port, one_error_line, train_in_process
 
 KIND = "mlflow.experimentKind"
@@ -149,7 +151,7 @@ def test_a_sweep_registers_only_its_best_run_and_plots_each_swept_key(tmp_path, 
 
 def test_registering_needs_a_logged_model(compose_cfg):
     with pytest.raises(schema.ConfigError, match="set tracking.log_model=true"):
-        schema.validate(compose_cfg(["tracking.register_as=x", "tracking.log_model=false"]))
+        validate(compose_cfg(["tracking.register_as=x", "tracking.log_model=false"]))
 
 
 @pytest.mark.integration

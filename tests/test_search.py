@@ -12,7 +12,7 @@ import optuna
 import pytest
 import torch
 
-from cnnlab.data import load_dataset
+from cnnlab.data.load import load_dataset
 from helpers import Running, Store, cnnlab, data_overrides, one_error_line
 
 HOPELESS = "1e-09"  # Adam at this lr leaves the model where it started: chance accuracy

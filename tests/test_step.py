@@ -12,9 +12,9 @@ from torch.optim.optimizer import (
 )
 
 from cnnlab import CnnlabError
-from cnnlab.data import Split
-from cnnlab.models import ConvNet
-from cnnlab.step import TrainStep, flat_parameters, optimizer_step, rehearsal
+from cnnlab.data.splits import Split
+from cnnlab.models.networks import ConvNet
+from cnnlab.training.step import TrainStep, flat_parameters, optimizer_step, rehearsal
 
 OPTIMIZERS = {
     "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
@@ -135,7 +135,8 @@ def test_lean_adam_is_the_installed_torchs_adam_bit_for_bit(make):
         torch_adam.step()
     assert len(calls) == 1, "the lean step did not run: the test would compare torch with itself"
     assert torch.equal(ours, theirs), (
-        f"torch {torch.__version__}'s Adam no longer matches cnnlab.step._adam_step bit for bit"
+        f"torch {torch.__version__}'s Adam no longer matches cnnlab.training.step._adam_step "
+        "bit for bit"
     )
     for key in ("step", "exp_avg", "exp_avg_sq"):
         assert torch.equal(lean.state[ours][key], torch_adam.state[theirs][key]), key

@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cnnlab.tracking import create_run
+from cnnlab.tracking.run import create_run
 from helpers import Store, cli_env, cnnlab, file_size_limit, one_error_line, train_in_process
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from cnnlab.data import data_arguments, load_dataset
-from cnnlab.loop import evaluate
-from cnnlab.tracking import load_model
+from cnnlab.data.load import data_arguments, load_dataset
+from cnnlab.inference.loaded import load_model
+from cnnlab.training.loop import evaluate
 from helpers import BIN, Store, cli_env, cnnlab
 
 

@@ -12,8 +12,10 @@ import torch
 import yaml
 from PIL import Image
 
-from cnnlab import CnnlabError, models, reproduce
-from cnnlab.tracking import load_model
+from cnnlab import CnnlabError
+from cnnlab.commands import reproduce
+from cnnlab.inference.loaded import load_model
+from cnnlab.models import networks as models
 from helpers import Store, cli_env, cnnlab, data_overrides, synthetic_split, train_in_process
 
 # One worker builds the module's fixtures (a trained run each) once for all its tests.

@@ -42,7 +42,7 @@ class CnnlabRayLauncher(Launcher):
         # only in numbers (losses, run ids, a second job's error) into "[repeated 3x]".
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         try:
-            from cnnlab.ray_launcher import launch
+            from cnnlab.sweeps.ray_launcher import launch
         except ImportError:
             raise CnnlabError(needs_cluster_extra("hydra/launcher=ray", "Ray")) from None
 

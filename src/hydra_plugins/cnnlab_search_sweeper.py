@@ -19,7 +19,7 @@ class CnnlabOptunaSweeper(Sweeper):
     start as soon as a slot frees (cnnlab.search)."""
 
     def __init__(self, **settings: Any) -> None:
-        from cnnlab.search import Search
+        from cnnlab.sweeps.search import Search
 
         self.search = Search(**settings)
 

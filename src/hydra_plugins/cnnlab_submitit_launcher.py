@@ -58,7 +58,7 @@ if submitit_launcher is not None:
             from submitit.core.utils import FailedJobError, UncompletedJobError
 
             from cnnlab import one_line
-            from cnnlab.sweep import lost_job
+            from cnnlab.sweeps.jobs import lost_job
 
             try:
                 return job.results()[0]

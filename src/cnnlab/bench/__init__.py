@@ -1,0 +1,1 @@
+"""cnnlab-bench: timed sections that print figures."""

@@ -1,0 +1,1 @@
+"""The console scripts: argument parsing, the one-line errors, and each command's main."""

@@ -1,0 +1,1 @@
+"""Datasets: the catalogue, fetching with checksums, decoding, the tensor cache, preprocessing."""

@@ -1,0 +1,391 @@
+"""Find, fetch, verify, decode and cache image datasets; torchvision.datasets reads them.
+
+Supported (data.dataset): MNIST, FashionMNIST, KMNIST, EMNIST, QMNIST, CIFAR10, CIFAR100 (in
+torchvision's folder layout under data.root) and ImageFolder (data.root/{train,test}/<class>/...).
+Each file is checked against data.md5 (of its uncompressed bytes); a missing set is fetched from
+the configured sources in turn, and a file that fails its check is reported, never used.
+
+Decoding happens once: the splits are cached as uint8 tensors (torch.save, read back with
+weights_only=True) beside the data where cnnlab created that folder, else in the user's cache
+directory; the cache's name covers everything that changes the decoded tensors, so a file
+replaced on disk is read (and verified) again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import tempfile
+import types
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cnnlab.data.cache import Recipe, cache_recipe, file_stamps
+from cnnlab.data.catalog import (
+    CIFAR_SETS,
+    IDX_SETS,
+    dataset_home,
+    files_folder,
+)
+from cnnlab.data.splits import DataError, stratified_split, top_label
+
+_IDX_TYPES = {0x08: np.dtype(np.uint8), 0x0C: np.dtype(">i4")}  # ubyte images, QMNIST's int labels
+
+
+# -------------------------------------------------------------- torchvision's file-based sets
+def files_recipe(
+    dataset: str, split: str | None, root: Path, files: Mapping[str, str], md5: Mapping[str, str]
+) -> Recipe:
+    folder = files_folder(dataset, root)
+    paths = {key: find_file(folder, name) for key, name in files.items()}
+    stamp = {
+        "dataset": dataset,
+        "split": split,
+        "files": file_stamps(list(paths.values())),
+        "md5": {key: md5.get(key) for key in files},
+    }
+    decode = lambda: _decode_files(dataset, split, folder, files, paths, md5)  # noqa: E731
+    return cache_recipe(dataset, folder, dataset_home(dataset, root), stamp, decode)
+
+
+def _decode_files(
+    dataset: str,
+    split: str | None,
+    folder: Path,
+    files: Mapping[str, str],
+    paths: Mapping[str, Path],
+    md5: Mapping[str, str],
+) -> dict[str, Any]:
+    """Verify the files, then let torchvision decode them: the cache's contents."""
+    digests = []
+    # torchvision reads <view>/<its layout>: links to the verified files, and the verified bytes
+    # of gzipped ones, so nothing is written beside the user's files and nothing else is read
+    # (MNIST would prefer a stale processed/training.pt, say).
+    with tempfile.TemporaryDirectory(prefix="cnnlab-read-") as view:
+        view_folder = files_folder(dataset, Path(view))
+        view_folder.mkdir(parents=True)
+        for key, name in files.items():
+            path = paths[key]
+            blob = read_bytes(path)
+            actual = hashlib.md5(blob).hexdigest()
+            expected = md5.get(key)
+            if expected and actual != expected:
+                raise DataError(
+                    f"{path} is corrupt or truncated (md5 {actual}, expected {expected}): "
+                    "delete it and run again to re-fetch, or replace it with a good copy"
+                )
+            if dataset in IDX_SETS:
+                parse_idx(blob, str(path))  # one clear line where torchvision would assert
+            digests.append(actual)
+            if path.suffix == ".gz":
+                (view_folder / name).write_bytes(blob)
+            else:
+                try:
+                    (view_folder / name).symlink_to(path)
+                except OSError:  # a file system without links
+                    shutil.copyfile(path, view_folder / name)
+            del blob
+        decoded = _read_with_torchvision(dataset, split, Path(view), folder)
+    for part in ("train", "test"):
+        images, labels = decoded[f"{part}_images"], decoded[f"{part}_labels"]
+        if len(images) != len(labels):
+            raise DataError(
+                f"{folder}: {part} has {len(images)} images but {len(labels)} labels; "
+                "replace the files with a matching set"
+            )
+        if top_label(labels) >= len(decoded["classes"]) or (len(labels) and labels.min() < 0):
+            raise DataError(
+                f"{folder}: {part} label {top_label(labels)} is out of range for "
+                f"{dataset}'s {len(decoded['classes'])} classes; replace the files with a good copy"
+            )
+    decoded["checksum"] = hashlib.md5("".join(digests).encode()).hexdigest()
+    return decoded
+
+
+def _torchvision_class(dataset: str) -> type:
+    import torchvision.datasets as tvd
+
+    base = getattr(tvd, dataset)
+    if dataset not in CIFAR_SETS:
+        return base  # MNIST's family checks only that its files exist
+    # CIFAR checks each file against the md5 of the original release, so re-packed or synthetic
+    # files would never load: cnnlab verifies data.md5 itself, before torchvision reads. Its
+    # download still checks the archive's md5 (tgz_md5).
+    unchecked = {
+        "train_list": [[name, None] for name, _ in base.train_list],
+        "test_list": [[name, None] for name, _ in base.test_list],
+        "meta": {**base.meta, "md5": None},
+    }
+    return type(dataset, (base,), unchecked)
+
+
+# What CIFAR's pickled batches hold: dicts, lists, str/bytes and numpy arrays. Python 2 wrote
+# numpy.core's _reconstruct (numpy 2 writes numpy._core's); _codecs.encode is how Python 3's
+# protocol 2 writes bytes.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only _CIFAR_GLOBALS: a crafted batch cannot call anything."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR batch")
+        return super().find_class(module, name)
+
+
+_CIFAR_PICKLE = types.SimpleNamespace(
+    load=lambda file, **kwargs: _CifarUnpickler(file, **kwargs).load(),
+    UnpicklingError=pickle.UnpicklingError,
+)
+
+
+@contextlib.contextmanager
+def _restricted_cifar_pickle():
+    """torchvision's CIFAR reader with _CifarUnpickler in place of pickle, for the duration."""
+    # The files' md5s come from the config, which may be a logged one from an untrusted store:
+    # a matching md5 proves nothing about who wrote the file.
+    import torchvision.datasets.cifar as cifar
+
+    original = cifar.pickle
+    cifar.pickle = _CIFAR_PICKLE
+    try:
+        yield
+    finally:
+        cifar.pickle = original
+
+
+def torchvision_set(dataset: str, split: str | None, root: Path, train: bool, download: bool):
+    cls = _torchvision_class(dataset)
+    if dataset in CIFAR_SETS:  # reads (and downloads) pickles as it is made
+        with _restricted_cifar_pickle():
+            return cls(str(root), train=train, download=download)
+    if dataset == "EMNIST":
+        return cls(str(root), split=split, train=train, download=download)
+    if dataset == "QMNIST":
+        return cls(str(root), what="train" if train else split, compat=True, download=download)
+    return cls(str(root), train=train, download=download)
+
+
+def _read_with_torchvision(
+    dataset: str, split: str | None, view: Path, folder: Path
+) -> dict[str, Any]:
+    decoded: dict[str, Any] = {}
+    try:
+        for part in ("train", "test"):
+            tv = torchvision_set(dataset, split, view, train=part == "train", download=False)
+            if dataset in CIFAR_SETS:
+                images = torch.from_numpy(tv.data).permute(0, 3, 1, 2)  # (N, H, W, C) -> NCHW
+                labels = torch.tensor(tv.targets, dtype=torch.int64)
+            else:
+                images = tv.data
+                if dataset == "EMNIST":  # its files hold each image transposed: (N, W, H)
+                    images = images.transpose(1, 2)
+                images = images.unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
+                # QMNIST's labels hold 8 columns per image; the first is the class (compat).
+                labels = (tv.targets[:, 0] if dataset == "QMNIST" else tv.targets).long()
+            decoded[f"{part}_images"] = images.to(torch.uint8).contiguous()
+            decoded[f"{part}_labels"] = labels.contiguous()
+            decoded["classes"] = [str(c) for c in tv.classes]
+    # torchvision asserts or raises what the file's bytes make it raise; one line here.
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AssertionError,
+            EOFError, pickle.UnpicklingError) as exc:  # fmt: skip
+        raise DataError(
+            f"{folder}: torchvision cannot read {dataset} ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:200]}); replace the files with a good copy"
+        ) from exc
+    return decoded
+
+
+# ------------------------------------------------------------------------------- ImageFolder
+_GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def image_folder_recipe(
+    root: Path,
+    image_size: Sequence[int] | None,
+    channels: int | None,
+    test_fraction: float,
+    split_seed: int,
+) -> Recipe:
+    import torchvision.datasets as tvd
+
+    layout = "How: data.root holds train/<class>/... and test/<class>/..., or only <class>/..."
+    if not root.is_dir():
+        raise DataError(
+            f"data.root={root} is not a folder; point data.root at your images. {layout}"
+        )
+    has = {part: (root / part).is_dir() for part in ("train", "test")}
+    if has["train"] != has["test"]:
+        missing = "test" if has["train"] else "train"
+        raise DataError(
+            f"{root} has {'train' if has['train'] else 'test'}/ but no {missing}/; add "
+            f"{root / missing}/<class>/..., or keep only class folders in {root} to split off "
+            "data.test_fraction"
+        )
+    folders = {"train": root / "train", "test": root / "test"} if has["train"] else {"all": root}
+    scans = {}
+    for part, folder in folders.items():
+        try:
+            scans[part] = tvd.ImageFolder(str(folder), loader=lambda path: path)
+        except FileNotFoundError as exc:
+            raise DataError(
+                f"{folder}: {' '.join(str(exc).split())}; put each class's images in "
+                f"{folder}/<class>/ (an empty class folder: remove it). {layout}"
+            ) from exc
+    if "all" not in scans and scans["train"].classes != scans["test"].classes:
+        raise DataError(
+            f"{root / 'test'} has classes {scans['test'].classes} but {root / 'train'} has "
+            f"{scans['train'].classes}; give train/ and test/ the same class folders"
+        )
+    samples = {part: [Path(p) for p, _ in scan.samples] for part, scan in scans.items()}
+    stamp = {
+        "dataset": "ImageFolder",
+        "files": {part: file_stamps(paths) for part, paths in samples.items()},
+        "image_size": list(image_size) if image_size else None,
+        "channels": channels,
+        "test_fraction": test_fraction if "all" in scans else None,
+        "split_seed": split_seed if "all" in scans else None,
+    }
+    size = tuple(image_size) if image_size else None
+    decode = lambda: _decode_image_folder(root, scans, size, channels, test_fraction, split_seed)  # noqa: E731
+    return cache_recipe("ImageFolder", root, root, stamp, decode)
+
+
+def _decode_image_folder(
+    root: Path,
+    scans: Mapping[str, Any],
+    size: tuple[int, int] | None,
+    channels: int | None,
+    test_fraction: float,
+    split_seed: int,
+) -> dict[str, Any]:
+    """Every image decoded once, converted to `channels` and resized to `size` (H, W)."""
+    from PIL import Image
+
+    if channels is None:  # greyscale only if every image is
+        channels = 1
+        for scan in scans.values():
+            for path, _ in scan.samples:
+                with _opened(Image, Path(path)) as image:
+                    if image.mode not in _GREY_MODES:
+                        channels = 3
+                        break
+    digests: dict[str, str] = {}
+    decoded: dict[str, Any] = {}
+    first: dict[str, Any] = {}
+
+    def load(path: str) -> torch.Tensor:
+        blob = Path(path).read_bytes()
+        digests[os.path.relpath(path, root)] = hashlib.md5(blob).hexdigest()
+        with _opened(Image, Path(path), blob) as image:
+            pixels = image_pixels(image, channels, size)
+        if size is None:
+            first.setdefault("shape", (pixels.shape, path))
+            if pixels.shape != first["shape"][0]:
+                (_, h, w), other = first["shape"]
+                raise DataError(
+                    f"{path} is {pixels.shape[2]}x{pixels.shape[1]} but {other} is {w}x{h}; "
+                    "set data.image_size=[H,W] to resize every image once"
+                )
+        return pixels
+
+    parts = {}
+    for part, scan in scans.items():
+        scan.loader = load
+        images = [scan[i][0] for i in range(len(scan))]
+        parts[part] = (torch.stack(images), torch.tensor(scan.targets, dtype=torch.int64))
+        decoded["classes"] = list(scan.classes)
+    if "all" in parts:
+        parts = stratified_split(*parts["all"], test_fraction, split_seed)
+        for part, (_, labels) in parts.items():
+            if not len(labels):  # a class with 2+ images puts one in each split
+                raise DataError(
+                    f"{root}: data.test_fraction={test_fraction} of its {len(scans['all'])} "
+                    f"images (one per class) leaves the {part} split empty; give a class at "
+                    "least 2 images (one to train on, one to test), or use train/ and test/"
+                )
+    for part, (images, labels) in parts.items():
+        decoded[f"{part}_images"], decoded[f"{part}_labels"] = images, labels
+    listing = "".join(f"{name}:{digests[name]}\n" for name in sorted(digests))
+    decoded["checksum"] = hashlib.md5(listing.encode()).hexdigest()
+    return decoded
+
+
+@contextlib.contextmanager
+def _opened(image_module: Any, path: Path, blob: bytes | None = None):
+    try:
+        with image_module.open(io.BytesIO(blob) if blob is not None else path) as image:
+            image.load() if blob is not None else None
+            yield image
+    except (OSError, ValueError, image_module.DecompressionBombError) as exc:
+        # UnidentifiedImageError and truncated files are OSErrors.
+        raise DataError(
+            f"{path} is not a readable image ({' '.join(str(exc).split())}); delete or replace it"
+        ) from exc
+
+
+def image_pixels(image: Any, channels: int, size: tuple[int, int] | None) -> torch.Tensor:
+    """(C, H, W) uint8 of a PIL image of any mode, as training sees it, resized to `size` (H, W)."""
+    from PIL import Image
+
+    if image.mode.startswith("I"):  # 16-bit (or 32-bit int) greyscale: scale, do not clip
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(wide / 257), 0, 255).astype(np.uint8))
+    elif image.mode in ("P", "PA") or "transparency" in image.info:
+        image = image.convert("RGBA")  # a palette's transparency is RGBA's alpha; dropped below
+    image = image.convert("L" if channels == 1 else "RGB")
+    if size is not None and image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return torch.from_numpy(array.copy())
+
+
+# ------------------------------------------------------------------------------ reading & checks
+def find_file(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_bytes(path: Path) -> bytes:
+    try:
+        return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+        raise DataError(f"{path} is corrupt or truncated ({exc}); delete it to re-fetch") from exc
+
+
+def parse_idx(blob: bytes, where: str = "<bytes>") -> np.ndarray:
+    """Decode an IDX file (unsigned bytes, or QMNIST's big-endian int32) into its declared shape."""
+    # Header: 2 zero bytes, a type code, the number of dimensions, then one big-endian uint32
+    # per dimension; the data follows as one flat run of items.
+    if len(blob) < 4 or blob[0] != 0 or blob[1] != 0 or blob[2] not in _IDX_TYPES:
+        raise DataError(f"{where} is not an IDX file of unsigned bytes or ints (bad magic number)")
+    dtype, ndim = _IDX_TYPES[blob[2]], blob[3]
+    header = 4 + 4 * ndim
+    if len(blob) < header:
+        raise DataError(f"{where} is truncated inside its IDX header")
+    shape = tuple(int(d) for d in np.frombuffer(blob, dtype=">u4", count=ndim, offset=4))
+    if len(blob) - header != int(np.prod(shape)) * dtype.itemsize:
+        raise DataError(
+            f"{where} holds {len(blob) - header} data bytes but its header declares {shape}"
+        )
+    return np.frombuffer(blob, dtype=dtype, offset=header).reshape(shape)

@@ -1,0 +1,1 @@
+"""Logged models read back safely, evaluated and asked for predictions."""

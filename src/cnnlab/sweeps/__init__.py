@@ -1,0 +1,1 @@
+"""Sweeps (cnnlab-train -m): the parent run, the jobs' bookkeeping, the search, launchers."""

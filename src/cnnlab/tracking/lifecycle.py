@@ -1,0 +1,185 @@
+"""A run's life around fit: opened with its params and config (or resumed at its checkpoint),
+closed FINISHED, FAILED or KILLED, and its results logged."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from cnnlab import CnnlabError, TrialPruned, one_line
+from cnnlab.config.compose import launch_dir
+from cnnlab.config.validate import typed_config
+from cnnlab.data.catalog import IDX_SETS
+from cnnlab.data.preprocess import to_float
+from cnnlab.data.splits import Dataset, Split
+from cnnlab.sweeps.jobs import in_sweep, job_tags, remember_job_run
+from cnnlab.tracking.provenance import (
+    description,
+    log_config,
+    requirements,
+    run_tags,
+)
+from cnnlab.tracking.queries import run_config
+from cnnlab.tracking.run import NullTracker, Tracker, attach_run, closing_run, create_run
+from cnnlab.tracking.store import (
+    say_where_it_went,
+)
+from cnnlab.tracking.system_metrics import system_metrics
+from cnnlab.training import checkpoint, distributed, interrupts
+from cnnlab.training.checkpoint import Progress
+from cnnlab.training.distributed import World
+from cnnlab.training.loop import predicted
+
+
+def log_results(
+    cfg: DictConfig,
+    run: Tracker | NullTracker,
+    model: torch.nn.Module,
+    data: Dataset,
+    test_split: Split,
+    accuracy: float,
+) -> None:
+    """What a trained run logs: its description with the result, figures of its mistakes on
+    the test split, the model, and the model's registered version."""
+    if run.run_id is None:  # tracking.enabled=false
+        return
+    run.set_tags({"mlflow.note.content": description(cfg, data, accuracy)})
+    if cfg.tracking.log_model:
+        example = to_float(data.test.images[:2]).numpy()  # (2, C, H, W) in [0, 1]
+        # For cnnlab-predict: class names, and whether dark-on-light images need inverting.
+        about = {
+            "cnnlab.classes": data.classes,
+            "cnnlab.light_on_dark": cfg.data.dataset in IDX_SETS,
+        }
+        run.log_model(model, example, requirements(), about)  # tags cnnlab.model_uri
+        if cfg.tracking.register_as and not in_sweep():  # a sweep registers its best run's
+            run.register_model(cfg.tracking.register_as, cfg.tracking.register_alias)
+    if cfg.tracking.log_figures:  # last, and never at the cost of the run: pictures only
+        from cnnlab.tracking.figures import prediction_figures
+
+        guesses = predicted(model, test_split, cfg.train.eval_batch_size)
+        try:
+            drawn = prediction_figures(test_split.images, test_split.labels, guesses, data.classes)
+            for name, figure in drawn.items():
+                run.log_figure(figure, name)
+        except (ValueError, RuntimeError, OSError) as exc:  # e.g. a class name matplotlib can't
+            print(f"warning: no figures for this run: {one_line(exc)}", file=sys.stderr)
+
+
+@contextmanager
+def open_run(
+    cfg: DictConfig,
+    uri: str,
+    spool: Path,
+    device: torch.device,
+    data_checksum: str,
+    extra_tags: dict[str, str] | None,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    world: World = distributed.SINGLE,
+) -> Iterator[tuple[Tracker | NullTracker, Progress]]:
+    """A new run with its params and config logged, or the resumed run at its checkpoint (a
+    torchrun rank other than 0: no run).
+
+    While it is open, Ctrl-C, SIGTERM and SIGHUP end it KILLED wherever the code is.
+    """
+    with interrupts.handled():
+        if not world.main:
+            run, progress = NullTracker(), Progress()
+        elif cfg.train.resume:
+            run, progress = resumed_run(cfg, uri, spool, model, optimizer)
+        elif cfg.tracking.enabled:
+            tags = {**run_tags(cfg, device, data_checksum), **(extra_tags or {})}
+            sweep_tags, job_name = job_tags()
+            tags.update(sweep_tags)
+            run_name = cfg.tracking.run_name or job_name
+            run = create_run(
+                uri, cfg.tracking.experiment, run_name, tags, spool, cfg.tracking.flush_timeout
+            )
+            remember_job_run(run.run_id)  # a sweep job run again continues this run
+            progress = Progress()  # RNG state now: right after the model's initialisation
+        else:
+            run, progress = NullTracker(), Progress()
+        interval = cfg.tracking.system_metrics_interval if cfg.tracking.system_metrics else None
+        pruned = False  # a search's pruned trial: the search reports it, nothing to continue
+        try:
+            with closing_run(run), system_metrics(run, interval, resumed=bool(cfg.train.resume)):
+                if not cfg.train.resume:
+                    log_config(run, cfg)
+                yield run, progress
+        except TrialPruned:
+            pruned = True
+            raise
+        finally:
+            # Once the store has it (else the error says where its logs wait).
+            if run.run_id is not None and run.ended is not None and not pruned:
+                say_where_it_went(run.run_id, run.ended, uri, launch_dir())
+
+
+def resumed_run(
+    cfg: DictConfig,
+    uri: str,
+    spool: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> tuple[Tracker, Progress]:
+    """The run `train.resume` names, RUNNING again, with model and optimizer at its checkpoint."""
+    run = attach_run(uri, cfg.train.resume, spool, cfg.tracking.flush_timeout)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = run.download("checkpoints/last.pt", Path(tmp))
+        if path is None:
+            raise CnnlabError(f"run {run.run_id} has no checkpoint to resume from")
+        progress = checkpoint.load(
+            path, model, optimizer, f"run {run.run_id}'s checkpoints/last.pt"
+        )
+    if progress.epoch >= cfg.train.epochs and run.status() == "FINISHED":
+        raise CnnlabError(f"run {run.run_id} already trained all {cfg.train.epochs} epochs")
+    # (Killed after its last epoch, e.g. while logging the model: fit has nothing left to
+    # train, and the run is finished with its model.)
+    run.skip_logged_steps()
+    if run.tags().get("cnnlab.trial_state") == "PRUNED":  # trained on now: no longer pruned
+        run.set_tags({"cnnlab.trial_state": "RESUMED"})
+    run.fail_unfinished_models()  # a model a killed process left PENDING will never be READY
+    run.set_running()  # also after a SIGKILL left it RUNNING
+    return run, progress
+
+
+# What a resume may change of the logged config: where it runs and where the data is.
+_RESUME_MAY_CHANGE = (
+    "hardware.",
+    "data.root=",
+    "tracking.uri=",
+    "tracking.request_timeout=",
+    "tracking.flush_timeout=",
+    "tracking.pending_dir=",
+    "train.resume=",
+)
+
+
+def resumed_config(run_id: str, uri: str, overrides: list[str]) -> DictConfig:
+    """The config run `run_id` logged, with `overrides` (those a resume may change), set to
+    continue that run in the store at `uri`."""
+    # hardware=cpu (a group) means hardware.device=cpu: the options are named after devices.
+    overrides = [
+        o.replace("hardware=", "hardware.device=", 1) if o.startswith("hardware=") else o
+        for o in overrides
+    ]
+    other = [o for o in overrides if not o.startswith(_RESUME_MAY_CHANGE)]
+    if other:
+        raise CnnlabError(
+            f"train.resume continues the logged config; {other[0]} can't change it (only "
+            "hardware.*, data.root and where/how runs are logged, tracking.uri, "
+            "tracking.request_timeout, tracking.flush_timeout, tracking.pending_dir, can); "
+            "use cnnlab-reproduce for a new run"
+        )
+    kept = [o for o in overrides if not o.startswith(("tracking.uri=", "train.resume="))]
+    cfg = typed_config(run_config(uri, run_id), kept)
+    cfg.train.resume = run_id
+    cfg.tracking.uri = uri
+    return cfg
