@@ -3,9 +3,9 @@ closed FINISHED, FAILED or KILLED, and its results logged."""
 
 from __future__ import annotations
 
-import sys
+import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,17 +13,15 @@ import torch
 from omegaconf import DictConfig
 
 from cnnlab import CnnlabError, TrialPruned, one_line
-from cnnlab.config.compose import launch_dir
+from cnnlab.config.compose import launch_dir, launch_path
 from cnnlab.config.validate import typed_config
 from cnnlab.data.catalog import IDX_SETS
 from cnnlab.data.preprocess import to_float
 from cnnlab.data.splits import Dataset, Split
-from cnnlab.sweeps.jobs import in_sweep, job_tags, remember_job_run
 from cnnlab.tracking.provenance import (
     description,
     log_config,
     requirements,
-    run_tags,
 )
 from cnnlab.tracking.queries import run_config
 from cnnlab.tracking.run import NullTracker, Tracker, attach_run, closing_run, create_run
@@ -36,17 +34,23 @@ from cnnlab.training.checkpoint import Progress
 from cnnlab.training.distributed import World
 from cnnlab.training.loop import predicted
 
+log = logging.getLogger(__name__)
+
+AnyTracker = Tracker | NullTracker
+
 
 def log_results(
     cfg: DictConfig,
-    run: Tracker | NullTracker,
+    run: AnyTracker,
     model: torch.nn.Module,
     data: Dataset,
     test_split: Split,
     accuracy: float,
+    register: bool = True,
 ) -> None:
     """What a trained run logs: its description with the result, figures of its mistakes on
-    the test split, the model, and the model's registered version."""
+    the test split, the model, and (if `register`: a sweep registers only its best run's) the
+    model's registered version."""
     if run.run_id is None:  # tracking.enabled=false
         return
     run.set_tags({"mlflow.note.content": description(cfg, data, accuracy)})
@@ -58,7 +62,7 @@ def log_results(
             "cnnlab.light_on_dark": cfg.data.dataset in IDX_SETS,
         }
         run.log_model(model, example, requirements(), about)  # tags cnnlab.model_uri
-        if cfg.tracking.register_as and not in_sweep():  # a sweep registers its best run's
+        if cfg.tracking.register_as and register:
             run.register_model(cfg.tracking.register_as, cfg.tracking.register_alias)
     if cfg.tracking.log_figures:  # last, and never at the cost of the run: pictures only
         from cnnlab.tracking.figures import prediction_figures
@@ -69,43 +73,40 @@ def log_results(
             for name, figure in drawn.items():
                 run.log_figure(figure, name)
         except (ValueError, RuntimeError, OSError) as exc:  # e.g. a class name matplotlib can't
-            print(f"warning: no figures for this run: {one_line(exc)}", file=sys.stderr)
+            log.warning("warning: no figures for this run: %s", one_line(exc))
 
 
 @contextmanager
 def open_run(
     cfg: DictConfig,
     uri: str,
-    spool: Path,
-    device: torch.device,
-    data_checksum: str,
-    extra_tags: dict[str, str] | None,
+    tags: dict[str, str],
+    run_name: str | None,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     world: World = distributed.SINGLE,
-) -> Iterator[tuple[Tracker | NullTracker, Progress]]:
-    """A new run with its params and config logged, or the resumed run at its checkpoint (a
-    torchrun rank other than 0: no run).
+    wrap: Callable[[AnyTracker], AnyTracker] | None = None,
+) -> Iterator[tuple[AnyTracker, Progress]]:
+    """A new run named `run_name` with `tags`, its params and config logged, or the resumed run
+    at its checkpoint (a torchrun rank other than 0: no run). `wrap` may wrap the run's writer
+    (cnnlab-bench times its calls so).
 
     While it is open, Ctrl-C, SIGTERM and SIGHUP end it KILLED wherever the code is.
     """
+    spool = launch_path(cfg.tracking.pending_dir)
     with interrupts.handled():
         if not world.main:
             run, progress = NullTracker(), Progress()
         elif cfg.train.resume:
             run, progress = resumed_run(cfg, uri, spool, model, optimizer)
         elif cfg.tracking.enabled:
-            tags = {**run_tags(cfg, device, data_checksum), **(extra_tags or {})}
-            sweep_tags, job_name = job_tags()
-            tags.update(sweep_tags)
-            run_name = cfg.tracking.run_name or job_name
-            run = create_run(
-                uri, cfg.tracking.experiment, run_name, tags, spool, cfg.tracking.flush_timeout
-            )
-            remember_job_run(run.run_id)  # a sweep job run again continues this run
+            flush = cfg.tracking.flush_timeout
+            run = create_run(uri, cfg.tracking.experiment, run_name, tags, spool, flush)
             progress = Progress()  # RNG state now: right after the model's initialisation
         else:
             run, progress = NullTracker(), Progress()
+        if wrap is not None:
+            run = wrap(run)
         interval = cfg.tracking.system_metrics_interval if cfg.tracking.system_metrics else None
         pruned = False  # a search's pruned trial: the search reports it, nothing to continue
         try:
