@@ -7,18 +7,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
-import yaml
 
-from cnnlab import one_line
 from cnnlab.inference import exported
-from cnnlab.tracking.queries import get_run, run_config
-from cnnlab.tracking.sqlite import check_store
-from cnnlab.tracking.store import (
-    TrackingError,
-    check_reachable,
-)
+from cnnlab.tracking.logged_models import download_model, mlflow_load
+from cnnlab.tracking.queries import run_config
+from cnnlab.tracking.store import TrackingError
 
 
 class LoadedModel(torch.nn.Module):
@@ -54,37 +48,15 @@ def load_model(model_ref: str, tracking_uri: str, trust_store: bool = False) -> 
     the weights are read from the model's pt2 archive as raw tensors. `trust_store` loads it as
     MLflow stores it instead (a pickle, a torch.export program, bundled code), which can run code.
     """
-    check_reachable(tracking_uri)
-    check_store(tracking_uri, existing=True)  # only reads: never creates or migrates a store
-    # MLflow resolves a models:/ URI through its global tracking URI only (download_artifacts'
-    # tracking_uri does not reach logged models): set to this store, for this command's process.
-    mlflow.set_tracking_uri(tracking_uri)
-    model_uri, run_id, config = model_ref, None, None
-    if "://" not in model_ref and ":/" not in model_ref:  # a run id: the model that run logged
-        tags = get_run(tracking_uri, model_ref)[1].data.tags
-        if "cnnlab.model_uri" not in tags:
-            raise TrackingError(f"run {model_ref} logged no model (tracking.log_model=false?)")
-        model_uri, run_id = tags["cnnlab.model_uri"], model_ref
+    config = None
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
-            mlmodel = yaml.safe_load((local / "MLmodel").read_text())
-        except (mlflow.exceptions.MlflowException, OSError, yaml.YAMLError) as exc:
-            raise TrackingError(
-                f"cannot load model {model_uri} from {tracking_uri}: {one_line(exc)}"
-            ) from exc
-        if not isinstance(mlmodel, dict):
-            raise TrackingError(f"model {model_uri} has no readable MLmodel file")
+        local, mlmodel, model_uri, run_id = download_model(model_ref, tracking_uri, Path(tmp))
         run_id = run_id or mlmodel.get("run_id")
         # Checked before anything else is read: a refused model costs nothing more.
         archive = None if trust_store else exported.archive(local, mlmodel, model_uri)
         in_shape, num_classes = exported.signature_shapes(mlmodel, model_uri)
         if archive is None:
-            try:
-                network = mlflow.pytorch.load_model(str(local), map_location="cpu")
-            except Exception as exc:  # whatever a foreign model raises: one line, not a traceback
-                reason = one_line(exc)
-                raise TrackingError(f"cannot load model {model_uri}: {reason}") from exc
+            network = mlflow_load(local, model_uri)
         else:
             try:
                 config = run_config(tracking_uri, str(run_id))
