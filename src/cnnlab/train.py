@@ -4,6 +4,7 @@ settle the config, load the data, build the model, open the run, fit, log the re
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -45,9 +46,10 @@ def train(
     distributed.start(world)
     try:
         with contextlib.ExitStack() as stack:
-            if not world.main:  # the article's output once, from rank 0
+            if not world.main:  # the article's output and the notices once, from rank 0
                 stack.enter_context(contextlib.redirect_stdout(stack.enter_context(
                     open(os.devnull, "w"))))  # fmt: skip
+                logging.getLogger("cnnlab").setLevel(logging.WARNING)
             return _train(cfg, world, extra_tags, wrap_run)
     finally:
         distributed.stop()

@@ -21,6 +21,14 @@ from cnnlab.tracking.store import move_credentials_to_env
 from cnnlab.training import interrupts
 
 
+class NoticesOnly(logging.Filter):
+    """Records below WARNING: notices on stdout beside the output, warnings and errors on stderr
+    (conf/hydra/job_logging/cnnlab.yaml and every other command's handlers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
 def hide_credentials(argv: list[str]) -> list[str]:
     """`argv` with user:password@ taken out of tracking.uri (and $MLFLOW_TRACKING_URI).
 
@@ -125,9 +133,17 @@ def command(
     line_by_line()
     # cnnlab's notices (logging) on stdout, one plain line each: Hydra's job logging does this
     # for cnnlab-train, and these commands run no Hydra app.
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logging.getLogger("cnnlab").addHandler(handler)
+    # (Warnings on stderr, as conf/hydra/job_logging/cnnlab.yaml has them.)
+    for stream, level, kept in (
+        (sys.stdout, logging.INFO, NoticesOnly()),
+        (sys.stderr, logging.WARNING, None),
+    ):
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setLevel(level)
+        if kept is not None:
+            handler.addFilter(kept)
+        logging.getLogger("cnnlab").addHandler(handler)
     logging.getLogger("cnnlab").setLevel(logging.INFO)
     argv = hide_credentials(sys.argv[1:])
     args, extra = parser.parse_known_args([a for a in argv if "=" not in a or a.startswith("-")])

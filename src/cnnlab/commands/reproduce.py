@@ -8,13 +8,15 @@ cnnlab-reproduce <run_id> tracking.uri=http://127.0.0.1:5000   # where the run i
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 
 from cnnlab import CnnlabError
 from cnnlab.commands.cli import command
 from cnnlab.config.compose import compose_config, store_uri
 from cnnlab.config.validate import typed_config
 from cnnlab.tracking.store import check_reachable
+
+log = logging.getLogger(__name__)
 
 
 def reproduce(run_id: str, overrides: list[str]) -> bool:
@@ -47,7 +49,7 @@ def warn_about_differences(tags: dict[str, str]) -> None:
 
     for key, value in code_tags().items():
         if tags.get(key, value) != value:
-            print(f"warning: {key} was {tags[key]}, is {value} now", file=sys.stderr)
+            log.warning("warning: %s was %s, is %s now", key, tags[key], value)
 
 
 def compare(source: dict, copy: dict, strict: bool) -> bool:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import sys
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from cnnlab.data.splits import Dataset, Split
+
+log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 2  # bump when the cached tensors' layout or decoding changes (2: EMNIST upright)
 
@@ -94,8 +96,10 @@ def _write_cache(path: Path, blob: dict) -> None:
                 stale.unlink(missing_ok=True)
     except OSError as exc:
         # The data loads regardless; only the next run pays for decoding again.
-        print(f"cnnlab: cannot cache the decoded data in {path.parent} ({exc.strerror}); "
-              "set CNNLAB_CACHE_DIR to a writable folder", file=sys.stderr)  # fmt: skip
+        log.warning(
+            "cnnlab: cannot cache the decoded data in %s (%s); set CNNLAB_CACHE_DIR to a "
+            "writable folder", path.parent, exc.strerror,
+        )  # fmt: skip
     finally:
         with suppress(OSError):
             partial.unlink(missing_ok=True)

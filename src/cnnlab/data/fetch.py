@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import http.client
 import io
+import logging
 import shutil
 import socket
 import subprocess
@@ -26,6 +27,8 @@ from cnnlab.data.catalog import (
 )
 from cnnlab.data.decode import find_file, read_bytes, torchvision_set
 from cnnlab.data.splits import DataError
+
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------- fetching
 # A source writes the files it can into a staging folder or raises DataError saying why not.
@@ -78,7 +81,7 @@ def fetch(
                 tried.append(f"{label}: {exc}")
                 continue
         _store(folder, blobs)
-        print(f"Fetched {name} from {label} into {folder}")
+        log.info("Fetched %s from %s into %s", name, label, folder)
         return
     raise DataError(
         f"could not fetch {name}; tried {'; '.join(tried) or 'no source'}. "

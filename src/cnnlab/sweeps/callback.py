@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,8 @@ from cnnlab.tracking.store import check_reachable, resolve_uri, say_where_it_wen
 # Hydra creates the callback below for every run, a single one and `--help` too.
 if TYPE_CHECKING:
     from cnnlab.tracking.run import Tracker
+
+log = logging.getLogger(__name__)
 
 
 # The parent run this process opened, for the CLI: Hydra swallows errors in callbacks and skips
@@ -121,7 +124,7 @@ class SweepCallback(Callback):
         ]  # fmt: skip
         best = max(done, key=lambda c: c["metrics"][metric]) if done else None
         parent.log_text(summary_csv(children, self.swept, best, metric), "sweep_summary.csv")
-        print(f"Sweep: {len(children)} runs, {len(failed_jobs())} jobs failed", end="")
+        said = f"Sweep: {len(children)} runs, {len(failed_jobs())} jobs failed"
         if best is not None:
             parent.set_tags({"cnnlab.best_run_id": best["run_id"]})
             parent.set_tags({"cnnlab.best_run_name": best["run_name"]})
@@ -131,10 +134,10 @@ class SweepCallback(Callback):
             # Test accuracy goes along for the record: it selected nothing when metric is val.
             shown = {m: v for m, v in best["metrics"].items() if m in (metric, "test_accuracy")}
             parent.log_metrics({f"best_{m}": v for m, v in shown.items()}, step=0)
-            print(f"; best {best['run_name']} ({metric} {best['metrics'][metric]:.4f})", end="")
+            said += f"; best {best['run_name']} ({metric} {best['metrics'][metric]:.4f})"
             if self.register_as:  # the jobs left it to the sweep: only the best is registered
                 parent.register_model(self.register_as, "best", run_id=best["run_id"])
-        print(f"; summary in parent run {parent.run_id}")
+        log.info("%s; summary in parent run %s", said, parent.run_id)
         if (self.sweep_dir / SEARCH_FILE).exists():
             log_search_history(parent, json.loads((self.sweep_dir / SEARCH_FILE).read_text()))
         if self.log_figures:
@@ -201,8 +204,8 @@ def log_search_history(parent: Tracker, history: dict[str, Any]) -> None:
         "search_minibatches": sum(t["minibatches"] for t in trials),
     }
     parent.log_metrics(counts, step=0)
-    print(
-        f"Search {history['study']}: {len(trials)} trials, {counts['search_completed']} "
-        f"completed, {counts['search_pruned']} pruned, {counts['search_failed']} failed; "
-        f"{counts['search_minibatches']} mini-batches trained"
-    )
+    log.info(
+        "Search %s: %d trials, %d completed, %d pruned, %d failed; %d mini-batches trained",
+        history["study"], len(trials), counts["search_completed"], counts["search_pruned"],
+        counts["search_failed"], counts["search_minibatches"],
+    )  # fmt: skip

@@ -12,8 +12,8 @@ notes its run in its own output folder.
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 SWEEP_FILE = "cnnlab-sweep.json"  # in hydra.sweep.dir: what each job needs to find its parent
 
@@ -149,7 +151,7 @@ def requeued_run(uri: str, spool: Path) -> str | None:
         run.set_tags({"cnnlab.error": "stopped before its first checkpoint; requeued as a new run"})
         run.end("KILLED")
         return None
-    print(f"Requeued job: continuing its run {record['run_id']}")
+    log.info("Requeued job: continuing its run %s", record["run_id"])
     return record["run_id"]
 
 
@@ -162,7 +164,7 @@ def lost_job(config: DictConfig, overrides: Sequence[str], error: str) -> JobRet
     num = config.hydra.job.num
     mark = sweep_dir / FAILED_MARK.format(num=num)
     mark.write_text(f"#{num} {' '.join(overrides)}\n{error}\n")
-    print(f"cnnlab-train: job #{num} failed: {error}", file=sys.stderr)
+    log.error("cnnlab-train: job #%s failed: %s", num, error)
     run_file = sweep_dir / str(config.hydra.sweep.subdir) / RUN_FILE
     sweep_file = sweep_dir / SWEEP_FILE
     if run_file.exists() and sweep_file.exists():

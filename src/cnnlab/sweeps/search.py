@@ -173,11 +173,11 @@ class Search:
         to_go = self.n_trials - ended
         how = "each starting as soon as a slot frees" if self.no_wait else "per launch"
         resumed = f", {ended} done already (resumed)" if ended else ""
-        print(
-            f"Search: study {study.study_name} in {_masked(self.url)}, {self.n_trials} trials"
-            f"{resumed}; {self.slots} at a time ({how}); pruner {self.pruner}; "
-            f"selecting on {self.metric}"
-        )
+        log.info(
+            "Search: study %s in %s, %d trials%s; %d at a time (%s); pruner %s; selecting on %s",
+            study.study_name, _masked(self.url), self.n_trials, resumed, self.slots, how,
+            self.pruner, self.metric,
+        )  # fmt: skip
         try:
             if self.no_wait:
                 self._run_without_waiting(study, space, fixed, to_go)
@@ -260,10 +260,10 @@ class Search:
         failed = sum(t.state == TrialState.FAIL for t in trials)
         if not failed or failed / len(trials) <= self.max_failure_rate:
             return False
-        print(
-            f"Search: {failed} of {len(trials)} trials failed, more than "
-            f"hydra.sweeper.max_failure_rate={self.max_failure_rate}; starting no more trials"
-        )
+        log.warning(
+            "Search: %d of %d trials failed, more than hydra.sweeper.max_failure_rate=%s; "
+            "starting no more trials", failed, len(trials), self.max_failure_rate,
+        )  # fmt: skip
         return True
 
     def _mark_interrupted(self, study: optuna.Study) -> int:
@@ -273,7 +273,9 @@ class Search:
             if trial.state in (TrialState.RUNNING, TrialState.WAITING):
                 study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
                 study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-                print(f"Search: trial {trial.number} was left running by a stopped sweep: failed")
+                log.info(
+                    "Search: trial %d was left running by a stopped sweep: failed", trial.number
+                )
             elif not trial.user_attrs.get(INTERRUPTED):
                 ended += 1
         return ended

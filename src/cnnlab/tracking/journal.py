@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import re
 import shutil
-import sys
 import threading
 import time
 from contextlib import suppress
@@ -36,6 +36,8 @@ from cnnlab.tracking.store import (
     TrackingError,
     store_failure,
 )
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------- journal
@@ -133,18 +135,17 @@ class Journal:
                     first = self.error is None
                     self.error = store_failure(self.uri, exc)
                     if first:
-                        print(
-                            f"warning: tracking store {self.uri} failed ({self.error}); "
-                            "training goes on, logs wait in " + str(self.folder),
-                            file=sys.stderr,
-                        )
+                        log.warning(
+                            "warning: tracking store %s failed (%s); training goes on, logs "
+                            "wait in %s", self.uri, self.error, self.folder,
+                        )  # fmt: skip
                     with self._changed:
                         if self._changed.wait_for(lambda: self._stopping, timeout=backoff):
                             return
                     backoff = min(backoff * 2, 8.0)
                     continue
                 if self.error is not None:
-                    print(f"tracking store {self.uri} answers again", file=sys.stderr)
+                    log.warning("tracking store %s answers again", self.uri)  # by the failure
                 self.error, backoff = None, 0.5
                 ops = ops[done:]
                 with self._changed:
@@ -257,7 +258,7 @@ def register_model(client: MlflowClient, run_id: str, name: str, alias: str) -> 
     retry registers no second version."""
     model_uri = client.get_run(run_id).data.tags.get("cnnlab.model_uri")
     if model_uri is None:  # not worth retrying (the journal retries what raises): say so
-        print(f"warning: run {run_id} logged no model to register as {name}", file=sys.stderr)
+        log.warning("warning: run %s logged no model to register as %s", run_id, name)
         return 0
     with suppress(mlflow.exceptions.MlflowException):  # it exists already: a new version of it
         client.create_registered_model(name)
@@ -276,11 +277,15 @@ def register_model(client: MlflowClient, run_id: str, name: str, alias: str) -> 
             raise  # the store fails: the journal retries
         # Refused for good (a name or alias the registry rejects): a retry would hold the
         # run's end back forever, so say so and go on.
-        print(f"warning: could not register run {run_id}'s model as {name}@{alias}: "
-              f"{one_line(exc)}", file=sys.stderr)  # fmt: skip
+        log.warning(
+            "warning: could not register run %s's model as %s@%s: %s",
+            run_id, name, alias, one_line(exc),
+        )  # fmt: skip
         return 0
-    print(f"Registered the model of run {run_id} as models:/{name}@{alias} (version "
-          f"{version.version})")  # fmt: skip
+    log.info(
+        "Registered the model of run %s as models:/%s@%s (version %s)",
+        run_id, name, alias, version.version,
+    )  # fmt: skip
     return int(version.version)
 
 

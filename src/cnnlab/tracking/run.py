@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -41,6 +40,8 @@ from cnnlab.tracking.store import (
     sqlite_file,
 )
 from cnnlab.training import interrupts
+
+log = logging.getLogger(__name__)
 
 # MLflow draws a progress bar for every artifact download; cnnlab's output stays readable.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -234,7 +235,7 @@ class Tracker:
     def set_running(self) -> None:
         """Mark the run RUNNING again, to continue it (at once: a dead store fails the resume)."""
         self.client.update_run(self.run_id, status="RUNNING")
-        print(f"MLflow run {self.run_id} resumed in {self.uri}")
+        log.info("MLflow run %s resumed in %s", self.run_id, self.uri)
 
     # ---- reads, straight from the store
     def status(self) -> str:
@@ -338,9 +339,9 @@ def create_run(
         run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
     except mlflow.exceptions.MlflowException as exc:
         raise TrackingError(f"cannot open a run in {uri}: {exc.message.splitlines()[0]}") from exc
-    print(f"MLflow run {run.info.run_name} ({run.info.run_id}) in {uri}")
+    log.info("MLflow run %s (%s) in %s", run.info.run_name, run.info.run_id, uri)
     if uri.startswith(("http://", "https://")):
-        print(f"  {training_view(uri, experiment_id, run.info.run_id)}")
+        log.info("  %s", training_view(uri, experiment_id, run.info.run_id))
     return Tracker(client, uri, run.info.run_id, experiment_id, spool, flush_timeout)
 
 
@@ -352,7 +353,7 @@ def attach_run(uri: str, run_id: str, spool: Path, flush_timeout: float = 60.0) 
     pending = pending_dir(spool, run_id)
     if (pending / "journal.jsonl").exists():
         _, _, count = sync(pending)
-        print(f"Delivered {count} logged item(s) that run {run_id} had kept in {pending}")
+        log.info("Delivered %d logged item(s) that run %s had kept in %s", count, run_id, pending)
     check_store(uri)
     client, run = get_run(uri, run_id)
     return Tracker(client, uri, run_id, run.info.experiment_id, spool, flush_timeout)
@@ -386,7 +387,7 @@ def closing_run(tracker: Tracker | NullTracker) -> Iterator[Tracker | NullTracke
             except TrackingError as exc:
                 if status == "FINISHED":
                     raise
-                print(f"warning: {exc}", file=sys.stderr)  # the run's own error comes first
+                log.warning("warning: %s", exc)  # the run's own error comes first
 
 
 # What the experiment is for: model training, not GenAI. MLflow's experiment-type selector

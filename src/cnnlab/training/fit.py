@@ -269,5 +269,5 @@ def check_overfit(
             "logit per class, no softmax before the loss) and optimizer.lr, or give a slow "
             "optimizer more train.epochs"
         )
-    print(f"Overfit check passed: {what} (< {OVERFIT_LOSS})")
+    log.info("Overfit check passed: %s (< %s)", what, OVERFIT_LOSS)
     return loss

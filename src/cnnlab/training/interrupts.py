@@ -14,13 +14,15 @@ submitit's handler, which requeues the job.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 HANDED_ON = (signal.SIGUSR1, signal.SIGUSR2)  # submitit's preemption signal is one of them
@@ -46,10 +48,7 @@ def _handler(signum: int, frame: Any) -> None:
         raise Terminated(signum)
     _received.append(signum)
     then = "the next mini-batch to save a checkpoint" if _mode[-1] == "graceful" else "its logs"
-    print(
-        f"{signal.Signals(signum).name}: stopping after {then}; again to stop at once",
-        file=sys.stderr,
-    )
+    log.warning("%s: stopping after %s; again to stop at once", signal.Signals(signum).name, then)
 
 
 @contextmanager
