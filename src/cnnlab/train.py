@@ -27,7 +27,7 @@ from cnnlab.training.fit import batches_per_epoch, build_model, check_overfit, f
 from cnnlab.training.hardware import setup_hardware
 
 if TYPE_CHECKING:
-    from cnnlab.sweeps.search import TrialReport
+    from cnnlab.sweeps.study import TrialReport
 
 
 def train(
@@ -151,6 +151,6 @@ def search_trial(cfg: DictConfig) -> TrialReport | None:
     trial_id = handed_trial()
     if trial_id is None:
         return None
-    from cnnlab.sweeps.search import job_trial  # Optuna: imported by a search's jobs only
+    from cnnlab.sweeps.study import job_trial
 
     return job_trial(trial_id, cfg.train.log_every)
