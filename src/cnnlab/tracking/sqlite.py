@@ -47,17 +47,34 @@ def check_store(uri: str, existing: bool = False) -> None:
         )
     if db.is_dir():
         raise TrackingError(f"{db} is a folder, not a SQLite file; point tracking.uri at a file")
-    new_store = "move it aside (keep it to recover its runs) and run again to start a new store"
+    if _check_header(db):
+        _check_tables(db)
+        try:
+            MlflowClient(tracking_uri=uri)  # opens (and caches) MLflow's store; checks its schema
+        except (sqlalchemy.exc.SQLAlchemyError, mlflow.exceptions.MlflowException) as exc:
+            reason = str(getattr(exc, "orig", None) or getattr(exc, "message", exc))
+            raise TrackingError(
+                f"cannot open the MLflow store {db}: {reason.splitlines()[0]}"
+            ) from exc
+
+
+_NEW_STORE = "move it aside (keep it to recover its runs) and run again to start a new store"
+
+
+def _check_header(db: Path) -> bool:
+    """Whether `db` holds a database: False for a missing or empty file (a new store); a
+    TrackingError for a file that is not SQLite's or is shorter than its header says."""
+    new_store = _NEW_STORE
     try:
         size = db.stat().st_size
         with db.open("rb") as f:
             header = f.read(100)
     except FileNotFoundError:
-        return
+        return False
     except OSError as exc:
         raise TrackingError(f"cannot read the MLflow store {db} ({exc.strerror})") from exc
     if size == 0:
-        return
+        return False
     if header[:16] != _SQLITE_MAGIC:
         raise TrackingError(f"{db} is not a SQLite database, so not an MLflow store; {new_store}")
     # The header's page size x page count is the file's length, unless a WAL file holds pages
@@ -70,6 +87,11 @@ def check_store(uri: str, existing: bool = False) -> None:
             f"the MLflow store {db} is truncated ({size} of {page_size * pages} bytes: a full "
             f"disk or an interrupted copy?); {new_store}"
         )
+    return True
+
+
+def _check_tables(db: Path) -> None:
+    """A TrackingError for a corrupt database or another program's (no MLflow tables)."""
     try:
         with closing(sqlite3.connect(db, timeout=20)) as connection:
             tables = {
@@ -78,7 +100,7 @@ def check_store(uri: str, existing: bool = False) -> None:
             }
     except sqlite3.DatabaseError as exc:
         if getattr(exc, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
-            raise TrackingError(f"the MLflow store {db} is corrupt ({exc}); {new_store}") from exc
+            raise TrackingError(f"the MLflow store {db} is corrupt ({exc}); {_NEW_STORE}") from exc
         raise TrackingError(f"cannot read the MLflow store {db} ({exc})") from exc
     other = sorted(t for t in tables if not t.startswith(("sqlite_", "alembic_")))
     if other and not {"experiments", "runs"} & set(other):
@@ -86,11 +108,6 @@ def check_store(uri: str, existing: bool = False) -> None:
             f"{db} is another program's SQLite database (tables {', '.join(other[:5])}; none of "
             "MLflow's), which MLflow would alter; set tracking.uri to another file"
         )
-    try:
-        MlflowClient(tracking_uri=uri)  # opens (and caches) MLflow's store; checks its schema
-    except (sqlalchemy.exc.SQLAlchemyError, mlflow.exceptions.MlflowException) as exc:
-        reason = str(getattr(exc, "orig", None) or getattr(exc, "message", exc))
-        raise TrackingError(f"cannot open the MLflow store {db}: {reason.splitlines()[0]}") from exc
 
 
 def seed_sqlite_store(uri: str) -> None:
