@@ -9,10 +9,14 @@ which ran on unattended, and no summary was written. Here such a job is a failed
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from hydra.core.utils import JobReturn
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, filter_overrides
+from omegaconf import OmegaConf
 
 from cnnlab import CnnlabError, needs_cluster_extra
 
@@ -31,28 +35,63 @@ if submitit_launcher is not None:
             self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
         ) -> Sequence[JobReturn]:
             """The plugin's launch, with each job's result collected by `_result`."""
-            import submitit
-
-            jobs: list[Any] = []
-            map_array = submitit.AutoExecutor.map_array
-
-            def keep_jobs(executor: Any, fn: Any, *iterables: Any) -> list[Any]:
-                jobs.extend(map_array(executor, fn, *iterables))
-                return [_Deferred() for _ in jobs]
-
-            # The plugin builds the executor and submits in one method; its submission is kept
-            # as is, only the waiting is replaced.
-            submitit.AutoExecutor.map_array = keep_jobs
-            try:
-                super().launch(job_overrides, initial_job_idx)  # type: ignore[misc]
-            finally:
-                submitit.AutoExecutor.map_array = map_array
+            # The plugin builds the executor, submits and waits in this one method, so it is
+            # redone here: its executor and submission as they are, only the waiting replaced.
+            assert len(job_overrides) > 0  # as the plugin's: a sweeper never sends no jobs
+            executor = self._executor()
+            job_params = self._job_params(job_overrides, initial_job_idx)
+            jobs = executor.map_array(self, *zip(*job_params, strict=True))
             return [
                 self._result(job, list(overrides), num)
                 for num, (job, overrides) in enumerate(
                     zip(jobs, job_overrides, strict=True), start=initial_job_idx
                 )
             ]
+
+        def _executor(self) -> Any:
+            """The plugin's AutoExecutor, with its parameters, once its sweep folder exists."""
+            import submitit
+            from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+            name = self._EXECUTOR  # type: ignore[attr-defined]
+            params: dict[str, Any] = self.params  # type: ignore[attr-defined]
+            config = self.config  # type: ignore[attr-defined]
+            init_keys = {"max_num_timeout"}
+            executor = submitit.AutoExecutor(
+                cluster=name,
+                folder=params["submitit_folder"],
+                **{f"{name}_{k}": v for k, v in params.items() if k in init_keys},
+            )
+            shared = set(OmegaConf.structured(BaseQueueConf).keys())
+            executor.update_parameters(
+                **{
+                    k if k in shared else f"{name}_{k}": v
+                    for k, v in params.items()
+                    if k not in init_keys | {"submitit_folder"}
+                }
+            )
+            # The plugin's logger: whoever filters the plugin's lines filters these too.
+            submitit_launcher.log.info(
+                f"Submitit '{name}' sweep output dir : {config.hydra.sweep.dir}"
+            )
+            sweep_dir = Path(str(config.hydra.sweep.dir))
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            if "mode" in config.hydra.sweep:
+                os.chmod(sweep_dir, mode=int(str(config.hydra.sweep.mode), 8))
+            return executor
+
+        def _job_params(
+            self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+        ) -> list[tuple[Any, ...]]:
+            """The arguments of each job's call of the launcher (the plugin's __call__)."""
+            job_params = []
+            for num, overrides in enumerate(job_overrides, start=initial_job_idx):
+                submitit_launcher.log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))}")
+                job_params.append(
+                    (list(overrides), "hydra.sweep.dir", num, f"job_id_for_{num}",
+                     Singleton.get_state())
+                )  # fmt: skip
+            return job_params
 
         def _result(self, job: Any, overrides: list[str], num: int) -> JobReturn:
             from submitit.core.utils import FailedJobError, UncompletedJobError
@@ -69,12 +108,6 @@ if submitit_launcher is not None:
                 config.hydra.job.num = num
                 error = f"{type(exc).__name__}: SLURM job {job.job_id} ended without a result "
                 return lost_job(config, overrides, error + f"({one_line(exc)[:300]})")
-
-    class _Deferred:
-        """What the plugin's launch collects before this class collects the real results."""
-
-        def results(self) -> list[None]:
-            return [None]
 
     class CnnlabSlurmLauncher(_WaitForEveryJob, submitit_launcher.SlurmLauncher):
         """hydra/launcher=slurm."""

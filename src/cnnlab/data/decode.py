@@ -1,4 +1,5 @@
-"""Find, fetch, verify, decode and cache image datasets; torchvision.datasets reads them.
+"""Find, fetch, verify, decode and cache image datasets; torchvision.datasets reads them, and
+cnnlab itself reads CIFAR's pickled batches, with an unpickler that builds no code.
 
 Supported (data.dataset): MNIST, FashionMNIST, KMNIST, EMNIST, QMNIST, CIFAR10, CIFAR100 (in
 torchvision's folder layout under data.root) and ImageFolder (data.root/{train,test}/<class>/...).
@@ -21,11 +22,10 @@ import os
 import pickle
 import shutil
 import tempfile
-import types
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -112,23 +112,6 @@ def _decode_files(
     return decoded
 
 
-def _torchvision_class(dataset: str) -> type:
-    import torchvision.datasets as tvd
-
-    base = getattr(tvd, dataset)
-    if dataset not in CIFAR_SETS:
-        return base  # MNIST's family checks only that its files exist
-    # CIFAR checks each file against the md5 of the original release, so re-packed or synthetic
-    # files would never load: cnnlab verifies data.md5 itself, before torchvision reads. Its
-    # download still checks the archive's md5 (tgz_md5).
-    unchecked = {
-        "train_list": [[name, None] for name, _ in base.train_list],
-        "test_list": [[name, None] for name, _ in base.test_list],
-        "meta": {**base.meta, "md5": None},
-    }
-    return type(dataset, (base,), unchecked)
-
-
 # What CIFAR's pickled batches hold: dicts, lists, str/bytes and numpy arrays. Python 2 wrote
 # numpy.core's _reconstruct (numpy 2 writes numpy._core's); _codecs.encode is how Python 3's
 # protocol 2 writes bytes.
@@ -138,6 +121,16 @@ _CIFAR_GLOBALS = {
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("_codecs", "encode"),
+}
+
+# Each release's batches (train, test), the file of its class names and their key there.
+_CIFAR_LAYOUT = {
+    "CIFAR10": (
+        {True: [f"data_batch_{i}" for i in range(1, 6)], False: ["test_batch"]},
+        "batches.meta",
+        "label_names",
+    ),
+    "CIFAR100": ({True: ["train"], False: ["test"]}, "meta", "fine_label_names"),
 }
 
 
@@ -150,32 +143,68 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-_CIFAR_PICKLE = types.SimpleNamespace(
-    load=lambda file, **kwargs: _CifarUnpickler(file, **kwargs).load(),
-    UnpicklingError=pickle.UnpicklingError,
-)
+class CifarSplit(NamedTuple):
+    """One split of CIFAR-10/100: (N, 3, 32, 32) uint8 images, int64 labels, class names."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
 
 
-@contextlib.contextmanager
-def _restricted_cifar_pickle():
-    """torchvision's CIFAR reader with _CifarUnpickler in place of pickle, for the duration."""
+def _load_cifar_pickle(path: Path) -> Any:
     # The files' md5s come from the config, which may be a logged one from an untrusted store:
-    # a matching md5 proves nothing about who wrote the file.
-    import torchvision.datasets.cifar as cifar
+    # a matching md5 proves nothing about who wrote the file, so plain pickle never reads it.
+    if not path.is_file():
+        raise RuntimeError(f"{path.name} is missing")
+    with path.open("rb") as file:
+        return _CifarUnpickler(file, encoding="latin1").load()  # Python 2's str: latin1
 
-    original = cifar.pickle
-    cifar.pickle = _CIFAR_PICKLE
-    try:
-        yield
-    finally:
-        cifar.pickle = original
+
+def read_cifar(dataset: str, root: Path, train: bool) -> CifarSplit:
+    """The train or test split of the CIFAR-10/100 batches under root (torchvision's layout),
+    read as torchvision's CIFAR10/CIFAR100 read them, by _CifarUnpickler."""
+    batches, meta, key = _CIFAR_LAYOUT[dataset]
+    folder = files_folder(dataset, root)
+    data: list[Any] = []
+    targets: list[Any] = []
+    for name in batches[train]:
+        entry = _load_cifar_pickle(folder / name)
+        data.append(entry["data"])
+        # torchvision's rule, kept so that the same files give the same labels.
+        targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+    # Each row is the red plane, then green, then blue: (3, 32, 32) as it lies.
+    images = np.vstack(data).reshape(-1, 3, 32, 32)
+    classes = [str(c) for c in _load_cifar_pickle(folder / meta)[key]]
+    return CifarSplit(torch.from_numpy(images), torch.tensor(targets, dtype=torch.int64), classes)
+
+
+def _download_cifar(dataset: str, root: Path) -> None:
+    """torchvision's download of the release's archive, checked against its md5 (tgz_md5),
+    unless every batch is there already."""
+    import torchvision.datasets as tvd
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    release = getattr(tvd, dataset)
+    # Only whether the batches exist, not their release md5s: re-packed or synthetic files are
+    # data.md5's to check, which cnnlab does before reading.
+    folder = files_folder(dataset, root)
+    if all((folder / name).is_file() for name, _ in release.train_list + release.test_list):
+        return
+    download_and_extract_archive(
+        release.url, str(root), filename=release.filename, md5=release.tgz_md5
+    )
 
 
 def torchvision_set(dataset: str, split: str | None, root: Path, train: bool, download: bool):
-    cls = _torchvision_class(dataset)
-    if dataset in CIFAR_SETS:  # reads (and downloads) pickles as it is made
-        with _restricted_cifar_pickle():
-            return cls(str(root), train=train, download=download)
+    """The train or test split of `dataset` under root, downloaded first if `download`: the
+    torchvision dataset, or for CIFAR, cnnlab's reading of the same files (a CifarSplit)."""
+    if dataset in CIFAR_SETS:
+        if download:
+            _download_cifar(dataset, root)
+        return read_cifar(dataset, root, train)
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, dataset)  # MNIST's family checks only that its files exist
     if dataset == "EMNIST":
         return cls(str(root), split=split, train=train, download=download)
     if dataset == "QMNIST":
@@ -191,8 +220,7 @@ def _read_with_torchvision(
         for part in ("train", "test"):
             tv = torchvision_set(dataset, split, view, train=part == "train", download=False)
             if dataset in CIFAR_SETS:
-                images = torch.from_numpy(tv.data).permute(0, 3, 1, 2)  # (N, H, W, C) -> NCHW
-                labels = torch.tensor(tv.targets, dtype=torch.int64)
+                images, labels = tv.images, tv.labels
             else:
                 images = tv.data
                 if dataset == "EMNIST":  # its files hold each image transposed: (N, W, H)

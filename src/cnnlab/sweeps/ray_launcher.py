@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,7 +40,6 @@ from hydra.core.utils import (
 )
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
-from ray._private.services import canonicalize_bootstrap_address
 
 from cnnlab import CnnlabError, one_line
 from cnnlab.sweeps.jobs import lost_job
@@ -119,19 +119,66 @@ def start_ray(init: DictConfig) -> None:
     address = kwargs.get("address")
     setting = f"hydra.launcher.ray.init.address={address}"
     try:
-        if not str(address).startswith("ray://"):  # a Ray Client address: ray.init checks it
-            # Ray's own reading of `address`: a head's host:port, or None for a new Ray here.
-            head = canonicalize_bootstrap_address(address, kwargs.get("_temp_dir"))
-            if head is None:
-                kwargs.setdefault("object_store_memory", LOCAL_OBJECT_STORE)
-            else:
-                check_head(head, setting)
+        target = ray_address(address, kwargs.get("_temp_dir"))
+        if target is None:
+            kwargs.setdefault("object_store_memory", LOCAL_OBJECT_STORE)
+        # A Ray Client address, or "auto" with no cluster on record: ray.init finds the head.
+        elif target != "auto" and not str(address).startswith("ray://"):
+            check_head(head_address(target), setting)
         ray.init(**kwargs)
     except (ConnectionError, ValueError, TimeoutError) as exc:
         raise CnnlabError(
             f"hydra/launcher=ray can't start or join Ray ({setting}): {one_line(exc)}; give the "
             "address of a running head (`ray start --head` prints it), or null to start one here"
         ) from None
+
+
+def ray_address(address: str | None, temp_dir: str | None) -> str | None:
+    """What `ray.init(address=address, _temp_dir=temp_dir)` joins: the address it is given or
+    finds, "auto" where it is to look among this machine's processes, None for a new Ray here.
+
+    Ray has no public function for this: these are ray.init's documented rules for `address`
+    ($RAY_ADDRESS, then the cluster `ray start` last started, recorded in ray_current_cluster).
+    """
+    if address in (None, "auto"):
+        address = os.environ.get("RAY_ADDRESS") or address
+    if address in (None, "auto"):
+        current = ray_temp_dir(temp_dir) / "ray_current_cluster"
+        if current.exists():
+            address = current.read_text().strip()
+        elif address == "auto":
+            return "auto"
+    return None if address in (None, "local") else address
+
+
+def ray_temp_dir(temp_dir: str | None) -> Path:
+    """Ray's temp folder: hydra.launcher.ray.init._temp_dir, else Ray's default."""
+    if temp_dir is not None:
+        return Path(temp_dir)
+    # Where Ray itself looks without one (its source, not its docs): the same record file.
+    if "RAY_TMPDIR" in os.environ:
+        base = os.environ["RAY_TMPDIR"]
+    elif sys.platform.startswith("linux") and "TMPDIR" in os.environ:
+        base = os.environ["TMPDIR"]
+    elif sys.platform.startswith(("darwin", "linux")):
+        base = "/tmp"
+    else:
+        base = tempfile.gettempdir()
+    return Path(base) / "ray"
+
+
+def head_address(address: str) -> str:
+    """A head's HOST:PORT (or [IPv6]:PORT) as ray.init joins it; ValueError if malformed."""
+    bracketed = address.startswith("[")
+    host, sep, port = address[1:].partition("]:") if bracketed else address.partition(":")
+    if not sep or ":" in port:
+        raise ValueError(f"Invalid address format: {address}")
+    if not host:
+        raise ValueError(f"Malformed host: {host}")
+    # Ray joins a head on this machine at the node's address, which the head may listen on alone.
+    if host in ("localhost", "127.0.0.1", "::1"):
+        host = ray.util.get_node_ip_address()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def check_head(head: str, setting: str, timeout: float = 10) -> None:
