@@ -15,7 +15,7 @@ from cnnlab.models.networks import MLP, ConvNet, ModelConfigError, TorchvisionNe
 
 
 def test_convnet_is_the_articles_network():
-    ours, theirs = ConvNet(), reference.ConvNet()
+    ours, theirs = ConvNet(), reference.ArticleConvNet()
     assert [(k, v.shape) for k, v in ours.state_dict().items()] == [
         (k, v.shape) for k, v in theirs.state_dict().items()
     ]
@@ -23,7 +23,7 @@ def test_convnet_is_the_articles_network():
     torch.manual_seed(0)
     ours = ConvNet()
     torch.manual_seed(0)
-    theirs = reference.ConvNet()
+    theirs = reference.ArticleConvNet()
     x = torch.rand(4, 1, 28, 28)
     assert torch.equal(ours(x), theirs(x))  # same seed, same initial weights, same outputs
 

@@ -25,7 +25,11 @@ def evaluate_logged(
     data_cfg = cfg.data
     logged = None
     if not switched and model.run_id:  # a rebuilt model's loading read the config already
-        logged = model.config if model.config is not None else run_config(uri, model.run_id, True)
+        logged = (
+            model.config
+            if model.config is not None
+            else run_config(uri, model.run_id, missing_ok=True)
+        )
     if logged is not None:
         # The run's own test set: a CIFAR model is scored on CIFAR without saying so. Where
         # the files are missing nothing is fetched: the sources a store names (mirrors, npm

@@ -17,7 +17,7 @@ from torch import nn
 from cnnlab import CnnlabError
 
 
-class ConvNet(nn.Module):
+class ArticleConvNet(nn.Module):
     """The article's ConvNet, verbatim: Simple Convolutional Neural Network."""
 
     def __init__(self):
@@ -59,7 +59,7 @@ def article_training(
     dataset = MNIST(str(root), download=False, transform=transforms.ToTensor())
     start = time.perf_counter()
     trainloader = torch.utils.data.DataLoader(dataset, batch_size=10, shuffle=True, num_workers=1)
-    convnet = ConvNet().to(device)
+    convnet = ArticleConvNet().to(device)
     loss_function = nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(convnet.parameters(), lr=1e-4)
     losses, done = [], 0

@@ -123,7 +123,7 @@ def remember_job_run(run_id: str) -> None:
     )
 
 
-def requeued_run(uri: str, spool: Path) -> str | None:
+def requeued_run(uri: str, pending_dir: Path) -> str | None:
     """The run this job continues if SLURM is running it again (requeued), else None.
 
     That is the run an earlier attempt of this job, in this sweep, opened and did not finish. If
@@ -141,8 +141,8 @@ def requeued_run(uri: str, spool: Path) -> str | None:
     from cnnlab.tracking.run import attach_run
 
     # Attached first: a checkpoint the store could not take before the job stopped waits in
-    # the spool, and attaching delivers it.
-    run = attach_run(uri, record["run_id"], spool)
+    # the pending_dir, and attaching delivers it.
+    run = attach_run(uri, record["run_id"], pending_dir)
     # (What train.resumed_run continues from.)
     status, has_checkpoint = run_state(uri, record["run_id"], "checkpoints/last.pt")
     if status == "FINISHED":

@@ -289,9 +289,10 @@ def register_model(client: MlflowClient, run_id: str, name: str, alias: str) -> 
     return int(version.version)
 
 
-def pending_dir(spool: Path, run_id: str) -> Path:
-    """Where a run's undelivered writes wait."""
-    return spool / run_id
+def journal_dir(pending_dir: Path, run_id: str) -> Path:
+    """The journal of run `run_id`: its folder in `pending_dir` (tracking.pending_dir), where
+    its undelivered writes wait."""
+    return pending_dir / run_id
 
 
 _OPS = {"batch", "inputs", "register", "file", "dir", "model"}

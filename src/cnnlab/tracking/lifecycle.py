@@ -93,15 +93,15 @@ def open_run(
 
     While it is open, Ctrl-C, SIGTERM and SIGHUP end it KILLED wherever the code is.
     """
-    spool = launch_path(cfg.tracking.pending_dir)
+    pending_dir = launch_path(cfg.tracking.pending_dir)
     with interrupts.handled():
         if not world.main:
             run, progress = NullTracker(), Progress()
         elif cfg.train.resume:
-            run, progress = resumed_run(cfg, uri, spool, model, optimizer)
+            run, progress = resumed_run(cfg, uri, pending_dir, model, optimizer)
         elif cfg.tracking.enabled:
             flush = cfg.tracking.flush_timeout
-            run = create_run(uri, cfg.tracking.experiment, run_name, tags, spool, flush)
+            run = create_run(uri, cfg.tracking.experiment, run_name, tags, pending_dir, flush)
             progress = Progress()  # RNG state now: right after the model's initialisation
         else:
             run, progress = NullTracker(), Progress()
@@ -126,12 +126,12 @@ def open_run(
 def resumed_run(
     cfg: DictConfig,
     uri: str,
-    spool: Path,
+    pending_dir: Path,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
 ) -> tuple[Tracker, Progress]:
     """The run `train.resume` names, RUNNING again, with model and optimizer at its checkpoint."""
-    run = attach_run(uri, cfg.train.resume, spool, cfg.tracking.flush_timeout)
+    run = attach_run(uri, cfg.train.resume, pending_dir, cfg.tracking.flush_timeout)
     with tempfile.TemporaryDirectory() as tmp:
         path = run.download("checkpoints/last.pt", Path(tmp))
         if path is None:

@@ -111,7 +111,7 @@ def download_artifact(
     return Path(client.download_artifacts(run_id, artifact_path, str(dst)))
 
 
-def run_config(uri: str, run_id: str, missing_ok: bool = False) -> dict[str, Any] | None:
+def run_config(uri: str, run_id: str, *, missing_ok: bool = False) -> dict[str, Any] | None:
     """The resolved config a run logged (config/config.yaml); None if it logged none and
     `missing_ok` (a model logged by other code than cnnlab's)."""
     client, _ = get_run(uri, run_id)

@@ -31,7 +31,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from cnnlab import TrialPruned
-from cnnlab.tracking.journal import Journal, pending_dir, sync
+from cnnlab.tracking.journal import Journal, journal_dir, sync
 from cnnlab.tracking.queries import download_artifact, get_run, run_children, training_view
 from cnnlab.tracking.sqlite import check_store, seed_sqlite_store
 from cnnlab.tracking.store import (
@@ -93,7 +93,7 @@ class Tracker:
         uri: str,
         run_id: str,
         experiment_id: str,
-        spool: Path,
+        pending_dir: Path,
         flush_timeout: float = 60.0,
     ) -> None:
         self.client = client
@@ -103,14 +103,14 @@ class Tracker:
         self.experiment_id = experiment_id
         self.flush_timeout = flush_timeout
         self._logged_until: dict[str, int] = {}  # metric -> last step already in the store
-        self._spool = spool
+        self._pending_dir = pending_dir
         self._journal: Journal | None = None
 
     @property
     def journal(self) -> Journal:
         """The run's journal, opened at the first write (reads alone leave no trace)."""
         if self._journal is None:
-            self._journal = Journal(pending_dir(self._spool, self.run_id), self.client,
+            self._journal = Journal(journal_dir(self._pending_dir, self.run_id), self.client,
                                     self.uri, self.run_id)  # fmt: skip
         return self._journal
 
@@ -324,12 +324,12 @@ def create_run(
     experiment: str,
     run_name: str | None,
     tags: Mapping[str, str],
-    spool: Path,
+    pending_dir: Path,
     flush_timeout: float = 60.0,
 ) -> Tracker:
     """Create a RUNNING run (in a new store or experiment if need be); the caller ends it.
 
-    `spool` is the folder where the run's writes wait for the store (tracking.pending_dir).
+    `pending_dir` is the folder where the run's writes wait for the store (tracking.pending_dir).
     """
     check_store(uri)
     seed_sqlite_store(uri)
@@ -342,21 +342,21 @@ def create_run(
     log.info("MLflow run %s (%s) in %s", run.info.run_name, run.info.run_id, uri)
     if uri.startswith(("http://", "https://")):
         log.info("  %s", training_view(uri, experiment_id, run.info.run_id))
-    return Tracker(client, uri, run.info.run_id, experiment_id, spool, flush_timeout)
+    return Tracker(client, uri, run.info.run_id, experiment_id, pending_dir, flush_timeout)
 
 
-def attach_run(uri: str, run_id: str, spool: Path, flush_timeout: float = 60.0) -> Tracker:
+def attach_run(uri: str, run_id: str, pending_dir: Path, flush_timeout: float = 60.0) -> Tracker:
     """A Tracker for an existing run (a sweep's parent, a resumed run).
 
-    Writes an earlier process of this run could not deliver (kept in `spool`) go first.
+    Writes an earlier process of this run could not deliver (kept in `pending_dir`) go first.
     """
-    pending = pending_dir(spool, run_id)
-    if (pending / "journal.jsonl").exists():
-        _, _, count = sync(pending)
-        log.info("Delivered %d logged item(s) that run %s had kept in %s", count, run_id, pending)
+    journal = journal_dir(pending_dir, run_id)
+    if (journal / "journal.jsonl").exists():
+        _, _, count = sync(journal)
+        log.info("Delivered %d logged item(s) that run %s had kept in %s", count, run_id, journal)
     check_store(uri)
     client, run = get_run(uri, run_id)
-    return Tracker(client, uri, run_id, run.info.experiment_id, spool, flush_timeout)
+    return Tracker(client, uri, run_id, run.info.experiment_id, pending_dir, flush_timeout)
 
 
 @contextmanager
