@@ -11,7 +11,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from cnnlab.config.validate import register, validate
-from cnnlab.tracking.store import resolve_uri
 
 # An installed wheel carries conf/ inside the package; a source checkout (pip install -e) reads
 # the top-level conf/ so that edits there take effect at once.
@@ -45,6 +44,16 @@ def launch_dir() -> Path:
 def launch_path(path: str) -> Path:
     """`path` (data.root, tracking.pending_dir) taken from the launch directory if relative."""
     return launch_dir() / Path(path).expanduser()
+
+
+def resolve_uri(uri: str | None, launch_dir: Path) -> str:
+    """The absolute tracking URI: None means the SQLite store mlflow.db in `launch_dir`."""
+    if uri is None:
+        return f"sqlite:///{(launch_dir / 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        # A relative SQLite path would follow the process's cwd; pin it to the launch directory.
+        return f"sqlite:///{(launch_dir / uri[len('sqlite:///') :]).resolve()}"
+    return uri
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

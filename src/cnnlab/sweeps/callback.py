@@ -15,8 +15,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from cnnlab.config.compose import resolve_uri
 from cnnlab.sweeps.jobs import FAILED_MARK, SEARCH_FILE, SWEEP_FILE, failed_jobs, launched
-from cnnlab.tracking.store import check_reachable, resolve_uri, say_where_it_went
+from cnnlab.tracking.store import check_reachable, say_where_it_went
 
 # MLflow (cnnlab.tracking) and matplotlib (cnnlab.figures) are imported where a sweep uses them:
 # Hydra creates the callback below for every run, a single one and `--help` too.

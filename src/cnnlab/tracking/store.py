@@ -18,6 +18,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from cnnlab import CnnlabError, needs_cluster_extra, one_line
+from cnnlab.config.compose import resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +38,6 @@ def sqlite_file(uri: str) -> Path | None:
 def artifacts_beside(db: Path) -> Path:
     """Where a SQLite store keeps its runs' artifacts: beside the file, one movable folder."""
     return db.parent / "mlartifacts"
-
-
-def resolve_uri(uri: str | None, launch_dir: Path) -> str:
-    """The absolute tracking URI: None means the SQLite store mlflow.db in `launch_dir`."""
-    if uri is None:
-        return f"sqlite:///{(launch_dir / 'mlflow.db').resolve()}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        # A relative SQLite path would follow the process's cwd; pin it to the launch directory.
-        return f"sqlite:///{(launch_dir / uri[len('sqlite:///') :]).resolve()}"
-    return uri
 
 
 def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
