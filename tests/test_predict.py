@@ -203,3 +203,19 @@ def test_predict_converts_16_bit_images_like_training_does(tmp_path):
     Image.fromarray(wide).save(tmp_path / "wide.png")
     x, _ = image_tensor(tmp_path / "wide.png", (1, 28, 28), light_on_dark=False)
     assert x[0, 0, 0, 0].item() == pytest.approx(round(30000 / 257) / 255)
+
+
+def test_a_model_tag_naming_a_folder_is_refused_before_anything_is_read(logged, tmp_path):
+    # Someone with write access to the store points a run's model tag at a local folder that
+    # holds a model (here a real copy of the run's own).
+    client = MlflowClient(logged["uri"])
+    folder = (tmp_path / "elsewhere").resolve()
+    folder.mkdir()
+    model_dir = Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=logged["model_uri"], dst_path=str(folder))
+    )
+    crafted = client.create_run(client.get_run(logged["run_id"]).info.experiment_id).info.run_id
+    client.set_tag(crafted, "cnnlab.model_uri", model_dir.as_uri())
+    for trust_store in (False, True):  # trusted or not: the store's own models only
+        with pytest.raises(CnnlabError, match="names no logged model of this store"):
+            load_model(crafted, logged["uri"], trust_store=trust_store)

@@ -3,6 +3,7 @@ MLflow's own loader, for a store the user trusts."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from cnnlab import one_line
 from cnnlab.tracking.queries import get_run
 from cnnlab.tracking.sqlite import check_store
 from cnnlab.tracking.store import TrackingError, check_reachable
+
+_LOGGED_MODEL = re.compile(r"models:/m-[0-9A-Za-z]+")  # an MLflow 3 logged model's URI
 
 
 def download_model(
@@ -32,6 +35,13 @@ def download_model(
         if "cnnlab.model_uri" not in tags:
             raise TrackingError(f"run {model_ref} logged no model (tracking.log_model=false?)")
         model_uri, run_id = tags["cnnlab.model_uri"], model_ref
+        # A tag is data anyone who can write the store may set: it may only name a model the
+        # store itself holds, never a folder (file:///...) or another store's files.
+        if not _LOGGED_MODEL.fullmatch(model_uri):
+            raise TrackingError(
+                f"run {model_ref}'s tag cnnlab.model_uri={model_uri!r} names no logged model of "
+                "this store (models:/m-<id>); refused, nothing was read"
+            )
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
         mlmodel = yaml.safe_load((local / "MLmodel").read_text())
