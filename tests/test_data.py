@@ -565,3 +565,31 @@ def test_data_arguments_leave_preprocessing_to_the_training_step(tmp_path):
         {"dataset": "MNIST", "root": "data", "preprocess": {"flip": True}}, tmp_path
     )
     assert args == {"dataset": "MNIST", "root": str(tmp_path)}
+
+
+def test_image_folder_links_stay_inside_the_root_and_loops_end(tmp_path, caplog):
+    root = tmp_path / "images"
+    write_image_folder(root, {"train/a": 2, "train/b": 2, "test/a": 1, "test/b": 1})
+    outside = tmp_path / "secret.png"
+    write_image(outside, (8, 8), "L", 200)
+    a = root / "train" / "a"
+    (a / "everything").symlink_to("/")  # hung a scan that followed it
+    (a / "loop").symlink_to(a)  # a cycle: a traceback
+    (a / "leak.png").symlink_to(outside)  # a file outside data.root
+    (a / "dangling.png").symlink_to(tmp_path / "gone.png")
+    inner = next((root / "train" / "b").iterdir())
+    (a / "alias.png").symlink_to(inner)  # a file inside it: kept
+    done: dict = {}
+
+    def load_it() -> None:
+        done["data"] = load_dataset("m", "ImageFolder", str(root), image_size=[8, 8])
+
+    caplog.set_level(logging.WARNING, logger="cnnlab")
+    reader = threading.Thread(target=load_it, daemon=True)
+    reader.start()
+    reader.join(timeout=120)
+    assert "data" in done, "the scan never ended"
+    data = done["data"]
+    assert data.train.labels.bincount().tolist() == [3, 2]  # a's 2 and the alias, b's 2
+    [warning] = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert warning.startswith(f"warning: skipped 4 link(s) under {root}")

@@ -14,16 +14,13 @@ replaced on disk is read (and verified) again.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
-import io
-import os
 import pickle
 import shutil
 import tempfile
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,7 +34,7 @@ from cnnlab.data.catalog import (
     dataset_home,
     files_folder,
 )
-from cnnlab.data.splits import DataError, stratified_split, top_label
+from cnnlab.data.splits import DataError, top_label
 
 _IDX_TYPES = {0x08: np.dtype(np.uint8), 0x0C: np.dtype(">i4")}  # ubyte images, QMNIST's int labels
 
@@ -122,6 +119,7 @@ _CIFAR_GLOBALS = {
     ("numpy", "dtype"),
     ("_codecs", "encode"),
 }
+
 
 # Each release's batches (train, test), the file of its class names and their key there.
 _CIFAR_LAYOUT = {
@@ -239,151 +237,6 @@ def _read_with_torchvision(
             f"{' '.join(str(exc).split())[:200]}); replace the files with a good copy"
         ) from exc
     return decoded
-
-
-# ------------------------------------------------------------------------------- ImageFolder
-_GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-
-
-def image_folder_recipe(
-    root: Path,
-    image_size: Sequence[int] | None,
-    channels: int | None,
-    test_fraction: float,
-    split_seed: int,
-) -> Recipe:
-    import torchvision.datasets as tvd
-
-    layout = "How: data.root holds train/<class>/... and test/<class>/..., or only <class>/..."
-    if not root.is_dir():
-        raise DataError(
-            f"data.root={root} is not a folder; point data.root at your images. {layout}"
-        )
-    has = {part: (root / part).is_dir() for part in ("train", "test")}
-    if has["train"] != has["test"]:
-        missing = "test" if has["train"] else "train"
-        raise DataError(
-            f"{root} has {'train' if has['train'] else 'test'}/ but no {missing}/; add "
-            f"{root / missing}/<class>/..., or keep only class folders in {root} to split off "
-            "data.test_fraction"
-        )
-    folders = {"train": root / "train", "test": root / "test"} if has["train"] else {"all": root}
-    scans = {}
-    for part, folder in folders.items():
-        try:
-            scans[part] = tvd.ImageFolder(str(folder), loader=lambda path: path)
-        except FileNotFoundError as exc:
-            raise DataError(
-                f"{folder}: {' '.join(str(exc).split())}; put each class's images in "
-                f"{folder}/<class>/ (an empty class folder: remove it). {layout}"
-            ) from exc
-    if "all" not in scans and scans["train"].classes != scans["test"].classes:
-        raise DataError(
-            f"{root / 'test'} has classes {scans['test'].classes} but {root / 'train'} has "
-            f"{scans['train'].classes}; give train/ and test/ the same class folders"
-        )
-    samples = {part: [Path(p) for p, _ in scan.samples] for part, scan in scans.items()}
-    stamp = {
-        "dataset": "ImageFolder",
-        "files": {part: file_stamps(paths) for part, paths in samples.items()},
-        "image_size": list(image_size) if image_size else None,
-        "channels": channels,
-        "test_fraction": test_fraction if "all" in scans else None,
-        "split_seed": split_seed if "all" in scans else None,
-    }
-    size = tuple(image_size) if image_size else None
-    decode = lambda: _decode_image_folder(root, scans, size, channels, test_fraction, split_seed)  # noqa: E731
-    return cache_recipe("ImageFolder", root, root, stamp, decode)
-
-
-def _decode_image_folder(
-    root: Path,
-    scans: Mapping[str, Any],
-    size: tuple[int, int] | None,
-    channels: int | None,
-    test_fraction: float,
-    split_seed: int,
-) -> dict[str, Any]:
-    """Every image decoded once, converted to `channels` and resized to `size` (H, W)."""
-    from PIL import Image
-
-    if channels is None:  # greyscale only if every image is
-        channels = 1
-        for scan in scans.values():
-            for path, _ in scan.samples:
-                with _opened(Image, Path(path)) as image:
-                    if image.mode not in _GREY_MODES:
-                        channels = 3
-                        break
-    digests: dict[str, str] = {}
-    decoded: dict[str, Any] = {}
-    first: dict[str, Any] = {}
-
-    def load(path: str) -> torch.Tensor:
-        blob = Path(path).read_bytes()
-        digests[os.path.relpath(path, root)] = hashlib.md5(blob).hexdigest()
-        with _opened(Image, Path(path), blob) as image:
-            pixels = image_pixels(image, channels, size)
-        if size is None:
-            first.setdefault("shape", (pixels.shape, path))
-            if pixels.shape != first["shape"][0]:
-                (_, h, w), other = first["shape"]
-                raise DataError(
-                    f"{path} is {pixels.shape[2]}x{pixels.shape[1]} but {other} is {w}x{h}; "
-                    "set data.image_size=[H,W] to resize every image once"
-                )
-        return pixels
-
-    parts = {}
-    for part, scan in scans.items():
-        scan.loader = load
-        images = [scan[i][0] for i in range(len(scan))]
-        parts[part] = (torch.stack(images), torch.tensor(scan.targets, dtype=torch.int64))
-        decoded["classes"] = list(scan.classes)
-    if "all" in parts:
-        parts = stratified_split(*parts["all"], test_fraction, split_seed)
-        for part, (_, labels) in parts.items():
-            if not len(labels):  # a class with 2+ images puts one in each split
-                raise DataError(
-                    f"{root}: data.test_fraction={test_fraction} of its {len(scans['all'])} "
-                    f"images (one per class) leaves the {part} split empty; give a class at "
-                    "least 2 images (one to train on, one to test), or use train/ and test/"
-                )
-    for part, (images, labels) in parts.items():
-        decoded[f"{part}_images"], decoded[f"{part}_labels"] = images, labels
-    listing = "".join(f"{name}:{digests[name]}\n" for name in sorted(digests))
-    decoded["checksum"] = hashlib.md5(listing.encode()).hexdigest()
-    return decoded
-
-
-@contextlib.contextmanager
-def _opened(image_module: Any, path: Path, blob: bytes | None = None):
-    try:
-        with image_module.open(io.BytesIO(blob) if blob is not None else path) as image:
-            image.load() if blob is not None else None
-            yield image
-    except (OSError, ValueError, image_module.DecompressionBombError) as exc:
-        # UnidentifiedImageError and truncated files are OSErrors.
-        raise DataError(
-            f"{path} is not a readable image ({' '.join(str(exc).split())}); delete or replace it"
-        ) from exc
-
-
-def image_pixels(image: Any, channels: int, size: tuple[int, int] | None) -> torch.Tensor:
-    """(C, H, W) uint8 of a PIL image of any mode, as training sees it, resized to `size` (H, W)."""
-    from PIL import Image
-
-    if image.mode.startswith("I"):  # 16-bit (or 32-bit int) greyscale: scale, do not clip
-        wide = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.rint(wide / 257), 0, 255).astype(np.uint8))
-    elif image.mode in ("P", "PA") or "transparency" in image.info:
-        image = image.convert("RGBA")  # a palette's transparency is RGBA's alpha; dropped below
-    image = image.convert("L" if channels == 1 else "RGB")
-    if size is not None and image.size != (size[1], size[0]):
-        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    array = np.asarray(image, dtype=np.uint8)
-    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    return torch.from_numpy(array.copy())
 
 
 # ------------------------------------------------------------------------------ reading & checks

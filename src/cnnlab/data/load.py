@@ -15,8 +15,9 @@ from cnnlab.data.catalog import (
     dataset_files,
     files_folder,
 )
-from cnnlab.data.decode import files_recipe, find_file, image_folder_recipe
+from cnnlab.data.decode import files_recipe, find_file
 from cnnlab.data.fetch import fetch, fetch_sources
+from cnnlab.data.image_folder import image_folder_recipe
 from cnnlab.data.splits import DataError, Dataset, held_out, with_classes
 
 

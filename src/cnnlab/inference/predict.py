@@ -36,7 +36,7 @@ def image_tensor(
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    from cnnlab.data.decode import image_pixels
+    from cnnlab.data.image_folder import image_pixels
 
     channels, height, width = in_shape
     try:
