@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import struct
+import subprocess
+import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -14,6 +16,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -219,3 +222,36 @@ def test_a_model_tag_naming_a_folder_is_refused_before_anything_is_read(logged, 
     for trust_store in (False, True):  # trusted or not: the store's own models only
         with pytest.raises(CnnlabError, match="names no logged model of this store"):
             load_model(crafted, logged["uri"], trust_store=trust_store)
+
+
+def test_a_logged_config_cannot_make_eval_allocate_beyond_the_stored_weights(logged, tmp_path):
+    # A run whose logged config asks for 20000-channel convolutions (14 GB of weights) and whose
+    # model tag names the real, small model: refused by comparing shapes on the meta device,
+    # in a process that may not allocate 4 GB (an allocation first would fail otherwise).
+    client = MlflowClient(logged["uri"])
+    source = client.get_run(logged["run_id"])
+    config = yaml.safe_load(
+        Path(
+            client.download_artifacts(logged["run_id"], "config/config.yaml", str(tmp_path))
+        ).read_text()
+    )
+    config["model"]["conv_channels"] = [20000, 20000]
+    crafted = client.create_run(source.info.experiment_id).info.run_id
+    client.log_dict(crafted, config, "config/config.yaml")
+    client.set_tag(crafted, "cnnlab.model_uri", logged["model_uri"])
+    probe = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_DATA, (4 << 30, 4 << 30))\n"
+        "from cnnlab import CnnlabError\n"
+        "from cnnlab.inference.loaded import load_model\n"
+        "try:\n"
+        f"    load_model({crafted!r}, {logged['uri']!r})\n"
+        "except CnnlabError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "cannot rebuild it from its run's config" in done.stdout
+    assert "size mismatch" in done.stdout and "[20000, 1, 3, 3]" in done.stdout

@@ -103,19 +103,26 @@ def rebuilt_network(
 def _network_with(
     cfg: Any, in_shape: tuple[int, ...], num_classes: int, state: dict[str, torch.Tensor]
 ) -> torch.nn.Module:
-    # Built on the meta device (no memory, no initialisation), then given the tensors. A class
-    # with a buffer that is not in the state dict (persistent=False), or whose constructor
-    # cannot run on meta, is built again on the CPU: its errors are then the real ones.
+    # Built on the meta device (no memory, no initialisation), then given the tensors: a config
+    # whose shapes are not the stored weights' (model.conv_channels=[20000, 20000]) is refused
+    # here, having allocated nothing. A class whose constructor cannot run on meta, or with a
+    # buffer the state dict lacks (persistent=False), is built again on the CPU, and only if its
+    # meta build (where there is one) holds no more numbers than the stored weights do.
     try:
         with torch.device("meta"):
             network = models.configured_network(cfg, in_shape, num_classes)
-        network.load_state_dict(state, strict=True, assign=True)
-        if not any(t.is_meta for t in (*network.parameters(), *network.buffers())):
-            return network
     except CnnlabError:
         raise
-    except Exception:  # built again below, where the error is raised for real
-        pass
+    except Exception:  # noqa: BLE001 - no meta build: the CPU build below says what is wrong
+        network = None
+    if network is not None:
+        network.load_state_dict(state, strict=True, assign=True)  # a mismatch raises here
+        if not any(t.is_meta for t in (*network.parameters(), *network.buffers())):
+            return network
+        stored = sum(t.numel() for t in state.values())
+        built = sum(t.numel() for t in (*network.parameters(), *network.buffers()))
+        if built > 2 * stored + 1_000_000:  # room for small non-persistent buffers only
+            raise ValueError(f"the config builds {built} numbers but the model stores {stored}")
     network = models.configured_network(cfg, in_shape, num_classes)
     network.load_state_dict(state, strict=True)
     return network
