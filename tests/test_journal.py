@@ -5,7 +5,9 @@ anything else in one line, with nothing delivered and nothing deleted."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -117,3 +119,63 @@ def test_a_journal_naming_a_store_that_is_not_there_creates_none(logged, tmp_pat
         "or point tracking.uri at a store"
     )
     assert list(elsewhere.parent.iterdir()) == [] and (pending / "journal.jsonl").exists()
+
+
+def replay_state(client, run_id: str) -> dict:
+    """What a replay must leave unchanged: metric histories, params, tags, dataset inputs, the
+    run's model outputs and the experiment's logged models."""
+    run = client.get_run(run_id)
+    experiment = run.info.experiment_id
+    return {
+        "metrics": {
+            key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+            for key in run.data.metrics
+        },
+        "params": run.data.params,
+        "tags": run.data.tags,
+        "inputs": sorted(d.dataset.digest for d in run.inputs.dataset_inputs),
+        "outputs": sorted(o.model_id for o in run.outputs.model_outputs),
+        "models": sorted(m.model_id for m in client.search_logged_models([experiment])),
+    }
+
+
+def test_a_journal_replayed_after_a_crash_changes_nothing(tiny_data, tmp_path):
+    # A crash between "done on the server" and "marked delivered" leaves a journal whose ops
+    # the store has already taken: delivering them again must change nothing.
+    store, run_id = train_in_process(tmp_path / "store", tiny_data, "tracking.log_figures=false")
+    client = store.client
+    run = client.get_run(run_id)
+    before = replay_state(client, run_id)
+    model_id = run.data.tags["cnnlab.model_uri"].removeprefix("models:/")
+    pending = tmp_path / "cnnlab-pending" / run_id
+    staged = pending / "files" / "000003"
+    staged.mkdir(parents=True)
+    # The model's files as the first delivery staged them (its MLmodel since rewritten).
+    location = client.get_logged_model(model_id).artifact_location
+    shutil.copytree(urlparse(location).path if "://" in location else location, staged / "model")
+    (staged / "model_id").write_text(model_id)  # as the first delivery left it
+    points = [
+        [key, m.value, m.timestamp, m.step]
+        for key in run.data.metrics
+        for m in client.get_metric_history(run_id, key)
+    ]
+    ops = [
+        {"op": "batch", "metrics": points, "params": run.data.params, "tags": {"kept": "1"}},
+        {
+            "op": "inputs",
+            "datasets": [
+                {"context": d.tags[0].value, "dataset": dict(d.dataset)}
+                for d in run.inputs.dataset_inputs
+            ],
+        },  # fmt: skip
+        {"op": "model", "src": "files/000003/model", "experiment_id": run.info.experiment_id},
+        {"op": "file", "src": "files/000002/config.yaml", "dir": "config"},  # delivered, deleted
+    ]
+    client.set_tag(run_id, "kept", "1")  # the batch's tag, delivered the first time
+    before["tags"]["kept"] = "1"
+    (pending / "meta.json").write_text(json.dumps({"uri": store.uri, "run_id": run_id}))
+    (pending / "journal.jsonl").write_text("".join(json.dumps(op) + "\n" for op in ops))
+
+    assert sync(pending) == (store.uri, run_id, len(ops))
+    assert replay_state(client, run_id) == before
+    assert not pending.exists()

@@ -90,11 +90,15 @@ class Journal:
             return self._written - self._delivered
 
     def flush(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for every write to arrive; whether they all did."""
-        deadline = time.monotonic() + timeout
+        """Wait for every write to arrive, as long as the store takes one at least every
+        `timeout` seconds: a slow but healthy server gets the whole run, a dead one costs
+        `timeout`. Whether they all arrived."""
         with self._changed:
+            progress, seen = time.monotonic(), self._delivered
             while self._delivered < self._written:
-                left = deadline - time.monotonic()
+                if self._delivered > seen:  # the store took something: wait on
+                    progress, seen = time.monotonic(), self._delivered
+                left = progress + timeout - time.monotonic()
                 if left <= 0:
                     return False
                 self._changed.wait(min(left, 1.0))
@@ -212,6 +216,11 @@ def deliver(client: MlflowClient, folder: Path, run_id: str, ops: list[dict[str,
                 client.set_terminated(run_id, o["status"])
         return len(group)
     if op["op"] == "inputs":
+        # Replayed (delivered, then a crash before it was counted): the store refuses a second
+        # identical input, so it is sent only if the run has none of these datasets yet.
+        have = {d.dataset.digest for d in client.get_run(run_id).inputs.dataset_inputs}
+        if all(d["dataset"]["digest"] in have for d in op["datasets"]):
+            return 1
         client.log_inputs(run_id, datasets=[
             DatasetInput(Dataset(**d["dataset"]), [InputTag("mlflow.data.context", d["context"])])
             for d in op["datasets"]
@@ -221,6 +230,8 @@ def deliver(client: MlflowClient, folder: Path, run_id: str, ops: list[dict[str,
         register_model(client, op.get("run_id", run_id), op["name"], op["alias"])
         return 1
     source = staged_source(folder, op.get("src"))
+    if not source.exists():  # staged files go only once delivered: a replay of a delivered op
+        return 1
     if op["op"] == "file":
         client.log_artifact(run_id, str(source), op["dir"])
     elif op["op"] == "dir":
@@ -242,7 +253,9 @@ def _deliver_model(client: MlflowClient, model_dir: Path, run_id: str, experimen
     else:
         logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
         id_file.write_text(logged.model_id)
-    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    outputs = client.get_run(run_id).outputs
+    if logged.model_id not in {o.model_id for o in (outputs.model_outputs if outputs else [])}:
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])  # once only
     meta = Model.load(str(model_dir))
     meta.model_id = meta.model_uuid = logged.model_id
     meta.run_id, meta.artifact_path = run_id, logged.artifact_location
