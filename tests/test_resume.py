@@ -101,3 +101,63 @@ def test_resume_errors_are_one_line(tiny_data, tmp_path):
         resumed_config(run_id, store.uri, ["train.epochs=5"])
     with pytest.raises(CnnlabError, match=f"no run {'0' * 32} in {re.escape(store.uri)}"):
         resumed_config("0" * 32, store.uri, [])
+
+
+# SIGKILL at each moment of a run: (the line the kill follows, the epoch it is in). Before the
+# first checkpoint (start-up, mid-epoch 1, epoch 1's evaluation) the run is trained again from
+# its start; after it, from the last checkpoint; after training, only what is left is done.
+MOMENTS = {
+    "start-up": ("MLflow run ", None),
+    "mid-epoch 1": ("Loss after mini-batch    10", 1),
+    "epoch 1's evaluation": ("Epoch 1: test loss", 1),  # printed before its checkpoint
+    "mid-epoch 2": ("Loss after mini-batch    10", 2),
+    "model logging": ("Epoch 2: test loss", 2),  # the model is logged right after
+    "the end": ("Training process has finished.", 2),
+}
+
+
+@pytest.mark.integration  # six real SIGKILLs, each followed by a resume
+@pytest.mark.parametrize("moment", list(MOMENTS))
+def test_a_run_sigkilled_at_any_moment_resumes_to_the_unbroken_run(
+    tiny_overrides, tmp_path, store, unbroken, moment
+):
+    after, epoch = MOMENTS[moment]
+    training = Running([*tiny_overrides, *EXTRA], tmp_path)
+    if epoch is not None:
+        training.wait_for(f"Starting epoch {epoch}")
+    training.wait_for(after)
+    training.proc.kill()
+    assert training.proc.wait(timeout=60) == -signal.SIGKILL
+    run = store.only_run()
+    if run.info.status == "FINISHED":  # the end: it had closed the run before the kill
+        assert moment == "the end"
+        assert "already trained all 2 epochs" in one_error_line(
+            resume(store, run.info.run_id, tmp_path)
+        )
+    else:
+        done = resume(store, run.info.run_id, tmp_path)
+        assert done.returncode == 0, done.stderr
+    resumed = store.only_run()  # the same run, finished: no second run
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    # No step missing, none twice, every value the unbroken run's.
+    assert store.history(run.info.run_id, "train_loss") == unbroken[0]
+    assert store.history(run.info.run_id, "test_accuracy") == unbroken[1]
+
+
+@pytest.mark.integration  # a real SIGKILL, then recovery
+def test_checkpoints_within_an_epoch_let_a_sigkill_lose_only_the_last_minutes(
+    tiny_overrides, tmp_path, store, unbroken
+):
+    # train.checkpoint_every in minutes: here every log window gets one.
+    training = Running([*tiny_overrides, *EXTRA, "train.checkpoint_every=0.0001"], tmp_path)
+    training.wait_for("Starting epoch 1")
+    training.wait_for("Loss after mini-batch    20")
+    training.proc.kill()
+    training.proc.wait(timeout=60)
+    run = store.only_run()
+    done = resume(store, run.info.run_id, tmp_path)
+    assert done.returncode == 0, done.stderr
+    # It went on from a checkpoint within epoch 1, not from the run's start.
+    assert int(re.search(r"resuming at mini-batch (\d+)", done.stdout)[1]) > 1
+    assert store.history(run.info.run_id, "train_loss") == unbroken[0]
+    assert store.history(run.info.run_id, "test_accuracy") == unbroken[1]

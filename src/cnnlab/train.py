@@ -20,6 +20,7 @@ from cnnlab.data.splits import Dataset, Split
 from cnnlab.sweeps.jobs import handed_trial, in_sweep, job_tags, remember_job_run, requeued_run
 from cnnlab.tracking.lifecycle import AnyTracker, log_results, open_run, resumed_config
 from cnnlab.tracking.provenance import command_line_overrides, dataset_inputs, run_tags
+from cnnlab.tracking.run import deliver_left
 from cnnlab.tracking.store import check_reachable, move_credentials_to_env, set_request_timeout
 from cnnlab.training import distributed
 from cnnlab.training.distributed import World, world_from_env
@@ -73,8 +74,11 @@ def _train(
     creates = world.main and cfg.tracking.enabled and not cfg.train.resume  # a new run
     tags, run_name = new_run_tags(cfg, device, data, extra_tags, trial) if creates else ({}, None)
     with open_run(cfg, uri, tags, run_name, model, optimizer, world, wrap_run) as (run, progress):
-        if run.run_id is not None and not cfg.train.resume:
-            remember_job_run(run.run_id)  # a sweep job run again continues this run
+        if run.run_id is not None:
+            if not cfg.train.resume:
+                remember_job_run(run.run_id)  # a sweep job run again continues this run
+            # Again on a resume (both are idempotent): a process killed at start-up may not
+            # have logged them.
             run.log_dict(data.classes, "data/classes.yaml")  # names by label, e.g. ImageFolder's
             run.log_inputs(dataset_inputs(cfg.data.name, data, cfg.data.val_size))  # UI's column
         if trial is not None and run.run_id:
@@ -105,6 +109,8 @@ def settled_config(cfg: DictConfig, world: World) -> tuple[DictConfig, str]:
         if cfg.tracking.enabled or cfg.train.resume:
             check_reachable(uri)  # seconds, not a whole epoch, to learn the server is down
         if cfg.train.resume:  # the run's own config, not today's conf/
+            # What a killed process left undelivered first: its config may be among it.
+            deliver_left(cfg.train.resume, launch_path(cfg.tracking.pending_dir))
             cfg = resumed_config(cfg.train.resume, uri, command_line_overrides())
         elif cfg.tracking.enabled and in_sweep():
             # A sweep job SLURM runs again (requeued) continues its run, from its last

@@ -236,6 +236,9 @@ class TrainConf:
         0, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: off)"
     )  # N: train on the first N * batch_size samples only, and check
     # at the end that the model fitted them (a model that can't is wired wrong)
+    # Minutes between checkpoints within an epoch (each epoch's end writes one as well): a run
+    # killed at any moment, SIGKILL included, loses at most this much training on resume.
+    checkpoint_every: float = ranged(5.0, _positive_float, "a number of minutes > 0")
     print_every_epochs: int = ranged(
         1, _positive_int, "an integer >= 1 (1: every epoch)"
     )  # print every Nth epoch's lines (and the first and last)

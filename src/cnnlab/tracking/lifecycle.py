@@ -101,7 +101,11 @@ def open_run(
             run, progress = resumed_run(cfg, uri, pending_dir, model, optimizer)
         elif cfg.tracking.enabled:
             flush = cfg.tracking.flush_timeout
-            run = create_run(uri, cfg.tracking.experiment, run_name, tags, pending_dir, flush)
+            # The config first: a run killed as soon as it exists can be resumed from it.
+            run = create_run(
+                uri, cfg.tracking.experiment, run_name, tags, pending_dir, flush,
+                first=lambda new: log_config(new, cfg),
+            )  # fmt: skip
             progress = Progress()  # RNG state now: right after the model's initialisation
         else:
             run, progress = NullTracker(), Progress()
@@ -111,8 +115,6 @@ def open_run(
         pruned = False  # a search's pruned trial: the search reports it, nothing to continue
         try:
             with closing_run(run), system_metrics(run, interval, resumed=bool(cfg.train.resume)):
-                if not cfg.train.resume:
-                    log_config(run, cfg)
                 yield run, progress
         except TrialPruned:
             pruned = True
@@ -130,15 +132,20 @@ def resumed_run(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
 ) -> tuple[Tracker, Progress]:
-    """The run `train.resume` names, RUNNING again, with model and optimizer at its checkpoint."""
+    """The run `train.resume` names, RUNNING again, with model and optimizer at its checkpoint
+    (at their initial state where it has none yet)."""
     run = attach_run(uri, cfg.train.resume, pending_dir, cfg.tracking.flush_timeout)
     with tempfile.TemporaryDirectory() as tmp:
         path = run.download("checkpoints/last.pt", Path(tmp))
-        if path is None:
-            raise CnnlabError(f"run {run.run_id} has no checkpoint to resume from")
-        progress = checkpoint.load(
-            path, model, optimizer, f"run {run.run_id}'s checkpoints/last.pt"
-        )
+        if path is None:  # killed before its first checkpoint: trained again from its start
+            # The model and the RNG are as the run began (the recipe seeded and built it), so it
+            # retrains to the same numbers; skip_logged_steps keeps each step logged once.
+            log.info("Run %s has no checkpoint yet: training it from its start", run.run_id)
+            progress = Progress()
+        else:
+            progress = checkpoint.load(
+                path, model, optimizer, f"run {run.run_id}'s checkpoints/last.pt"
+            )
     if progress.epoch >= cfg.train.epochs and run.status() == "FINISHED":
         raise CnnlabError(f"run {run.run_id} already trained all {cfg.train.epochs} epochs")
     # (Killed after its last epoch, e.g. while logging the model: fit has nothing left to

@@ -14,8 +14,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -326,10 +326,13 @@ def create_run(
     tags: Mapping[str, str],
     pending_dir: Path,
     flush_timeout: float = 60.0,
+    first: Callable[[Tracker], None] | None = None,
 ) -> Tracker:
     """Create a RUNNING run (in a new store or experiment if need be); the caller ends it.
 
     `pending_dir` is the folder where the run's writes wait for the store (tracking.pending_dir).
+    `first` writes to the run before it is announced: what must be in its journal before
+    anyone (or any signal) can act on the run, e.g. its config, which a resume reads.
     """
     check_store(uri)
     seed_sqlite_store(uri)
@@ -339,10 +342,28 @@ def create_run(
         run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
     except mlflow.exceptions.MlflowException as exc:
         raise TrackingError(f"cannot open a run in {uri}: {exc.message.splitlines()[0]}") from exc
+    tracker = Tracker(client, uri, run.info.run_id, experiment_id, pending_dir, flush_timeout)
+    if first is not None:
+        try:
+            first(tracker)
+        except BaseException:
+            with suppress(Exception):  # the first error is the one to report
+                client.set_terminated(run.info.run_id, "FAILED")
+            raise
     log.info("MLflow run %s (%s) in %s", run.info.run_name, run.info.run_id, uri)
     if uri.startswith(("http://", "https://")):
         log.info("  %s", training_view(uri, experiment_id, run.info.run_id))
-    return Tracker(client, uri, run.info.run_id, experiment_id, pending_dir, flush_timeout)
+    return tracker
+
+
+def deliver_left(run_id: str, pending_dir: Path) -> None:
+    """Deliver what an earlier process of run `run_id` left undelivered in `pending_dir` (a
+    SIGKILL, a lost store), so that the store has all it logged: e.g. its config, before a
+    resume reads it."""
+    journal = journal_dir(pending_dir, run_id)
+    if (journal / "journal.jsonl").exists():
+        _, _, count = sync(journal)
+        log.info("Delivered %d logged item(s) that run %s had kept in %s", count, run_id, journal)
 
 
 def attach_run(uri: str, run_id: str, pending_dir: Path, flush_timeout: float = 60.0) -> Tracker:
@@ -350,10 +371,7 @@ def attach_run(uri: str, run_id: str, pending_dir: Path, flush_timeout: float = 
 
     Writes an earlier process of this run could not deliver (kept in `pending_dir`) go first.
     """
-    journal = journal_dir(pending_dir, run_id)
-    if (journal / "journal.jsonl").exists():
-        _, _, count = sync(journal)
-        log.info("Delivered %d logged item(s) that run %s had kept in %s", count, run_id, journal)
+    deliver_left(run_id, pending_dir)
     check_store(uri)
     client, run = get_run(uri, run_id)
     return Tracker(client, uri, run_id, run.info.experiment_id, pending_dir, flush_timeout)

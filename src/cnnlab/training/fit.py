@@ -11,8 +11,9 @@ import math
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -90,6 +91,16 @@ class _Fitting:
     trial: Pruning | None
     per_epoch: int  # metrics' step: mini-batches so far, as if each epoch had this many
     last: Path  # the checkpoint file each epoch's end writes
+    checkpointed: float = field(default_factory=time.monotonic)  # when the last was written
+
+    def checkpoint(self, progress: Progress) -> None:
+        """Write and log the checkpoint a resume continues from at `progress`."""
+        checkpoint.save(self.last, self.model, self.optimizer, progress)
+        self.run.log_checkpoint(self.last)
+        self.checkpointed = time.monotonic()
+
+    def checkpoint_due(self) -> bool:
+        return time.monotonic() - self.checkpointed >= self.cfg.train.checkpoint_every * 60
 
     @property
     def selection(self) -> Split:
@@ -170,13 +181,12 @@ def _train_epoch(
                 at = epoch * per_epoch + batch  # (the epoch's end reports in _end_epoch)
                 accuracy = evaluate_during_epoch(fitting, at)
                 pruned = trial.check(at, accuracy)
+            if world.main and batch < per_epoch and fitting.checkpoint_due():
+                # At a log window's end: nothing of the next window trained yet.
+                fitting.checkpoint(Progress(epoch, batch, 0.0, progress.rng))
     except TrainingInterrupted as stopped:
         if world.main:
-            checkpoint.save(
-                fitting.last, fitting.model, fitting.optimizer,
-                Progress(epoch, *stopped.args_for_resume()),
-            )  # fmt: skip
-            run.log_checkpoint(fitting.last)
+            fitting.checkpoint(Progress(epoch, *stopped.args_for_resume()))
         if pruned is not None:
             log.info("Trial %s", pruned)
             raise pruned from None  # the run ends KILLED, tagged PRUNED; resumable
@@ -201,8 +211,7 @@ def _end_epoch(
         metrics.update(val_loss=val_loss, val_accuracy=accuracy)
     at = (epoch + 1) * fitting.per_epoch
     run.log_metrics(metrics, step=at)
-    checkpoint.save(fitting.last, fitting.model, fitting.optimizer, progress)
-    run.log_checkpoint(fitting.last)
+    fitting.checkpoint(progress)
     final = epoch + 1 == cfg.train.epochs  # reported, but too late to prune
     if trial is not None and (pruned := trial.check(at, accuracy, final)):
         log.info("Trial %s", pruned)
