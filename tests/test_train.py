@@ -13,6 +13,8 @@ import yaml
 
 from cnnlab.data.load import data_arguments, load_dataset
 from cnnlab.inference.loaded import load_model
+from cnnlab.tracking.run import closing_run, create_run
+from cnnlab.training import interrupts
 from cnnlab.training.loop import evaluate
 from helpers import BIN, Store, cli_env, cnnlab
 
@@ -94,6 +96,28 @@ def test_ctrl_c_marks_the_run_killed(tiny_overrides, tmp_path, store):
     client, run = store.client, store.only_run()
     assert run.info.status == "KILLED"
     assert client.get_metric_history(run.info.run_id, "train_loss")  # the losses so far are kept
+
+
+class SignalledWhileFinalized:
+    """Sends this process SIGTERM while Python finalizes it: the handler's Terminated is raised
+    inside __del__, where Python prints "Exception ignored" and goes on, as it did while a
+    model or a figure was being written."""
+
+    def __del__(self) -> None:
+        signal.raise_signal(signal.SIGTERM)
+
+
+# Python reports the ignored exception; that it is ignored is the case under test.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_stop_signal_python_swallowed_still_ends_the_run_killed(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = create_run(store.uri, "swallowed", None, {}, tmp_path / "pending")
+    with pytest.raises(interrupts.Terminated) as stopped:  # the CLI: exit status 143
+        with interrupts.handled(), closing_run(run):
+            finalized = SignalledWhileFinalized()
+            del finalized  # the signal's Terminated is ignored here...
+    assert stopped.value.signum == signal.SIGTERM  # ...and raised again when the run closes
+    assert store.only_run("swallowed").info.status == "KILLED"  # not FINISHED
 
 
 def test_unreachable_server_fails_fast_before_training(tiny_overrides, tmp_path):

@@ -387,6 +387,8 @@ def closing_run(tracker: Tracker | NullTracker) -> Iterator[Tracker | NullTracke
     status = "FAILED"
     try:
         yield tracker
+        if (signum := interrupts.swallowed()) is not None:  # a stop Python itself ignored
+            raise interrupts.Terminated(signum)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

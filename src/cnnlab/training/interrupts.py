@@ -39,12 +39,17 @@ class Terminated(KeyboardInterrupt):
 _mode: list[str] = ["raise"]  # innermost last: raise | graceful | defer
 _received: list[int] = []  # signals held back by the innermost gentle stretch
 _handed_on: list[int] = []  # HANDED_ON signals received: passed on once the run is closed
+# Signals whose Terminated was raised: Python ignores an exception raised while it runs a
+# finalizer or __del__ (e.g. while a model or figure is being written), so the run's closing
+# code asks `swallowed` before it calls the run FINISHED.
+_raised: list[int] = []
 
 
 def _handler(signum: int, frame: Any) -> None:
     if signum in HANDED_ON:  # even if a later SIGTERM is what stops the run
         _handed_on.append(signum)
     if _mode[-1] == "raise" or _received:
+        _raised.append(signum)
         raise Terminated(signum)
     _received.append(signum)
     then = "the next mini-batch to save a checkpoint" if _mode[-1] == "graceful" else "its logs"
@@ -69,15 +74,23 @@ def handled() -> Iterator[None]:
     if preemption is not None and callable(signal.getsignal(preemption)):
         previous[preemption] = signal.signal(preemption, _handler)
     _handed_on.clear()
+    _raised.clear()
     try:
         yield
     finally:
+        _raised.clear()
         for sig, old in previous.items():
             signal.signal(sig, old)
         if _handed_on:
             # Submitit's handler runs here, now that the run is closed; what it raises
             # (SystemExit after requeueing) replaces Terminated.
             signal.raise_signal(_handed_on.pop())
+
+
+def swallowed() -> int | None:
+    """A stop signal whose Terminated Python ignored (raised in a finalizer) and the code
+    therefore never saw, or None: the run must still end KILLED."""
+    return _raised[-1] if _raised else None
 
 
 def _submitit_signal() -> int | None:
