@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 import pytest
 
 from cnnlab.tracking.journal import JournalError, sync
+from cnnlab.tracking.store import TrackingError
 from helpers import cnnlab, one_error_line, train_in_process
 
 
@@ -179,3 +180,19 @@ def test_a_journal_replayed_after_a_crash_changes_nothing(tiny_data, tmp_path):
     assert sync(pending) == (store.uri, run_id, len(ops))
     assert replay_state(client, run_id) == before
     assert not pending.exists()
+
+    # An edited journal of another run whose model_id file names this run's model: refused,
+    # the model untouched (its files would have been overwritten with the staged ones).
+    other = client.create_run(run.info.experiment_id).info.run_id
+    pending = tmp_path / "cnnlab-pending" / other
+    (pending / "files" / "000001").mkdir(parents=True)
+    shutil.copytree(urlparse(location).path if "://" in location else location,
+                    pending / "files" / "000001" / "model")  # fmt: skip
+    (pending / "files" / "000001" / "model_id").write_text(model_id)
+    op = {"op": "model", "src": "files/000001/model", "experiment_id": run.info.experiment_id}
+    (pending / "meta.json").write_text(json.dumps({"uri": store.uri, "run_id": other}))
+    (pending / "journal.jsonl").write_text(json.dumps(op) + "\n")
+    with pytest.raises(TrackingError, match="names model .* of another run"):
+        sync(pending)
+    assert replay_state(client, run_id) == before
+    assert client.get_logged_model(model_id).source_run_id == run_id

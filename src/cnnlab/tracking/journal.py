@@ -249,7 +249,9 @@ def _deliver_model(client: MlflowClient, model_dir: Path, run_id: str, experimen
     # reply reuses the LoggedModel created before instead of leaving one PENDING.
     id_file = model_dir.parent / "model_id"
     if id_file.exists():
-        logged = client.get_logged_model(id_file.read_text())
+        logged = client.get_logged_model(id_file.read_text().strip())
+        if logged.source_run_id != run_id:  # an edited journal: never write another's model
+            raise JournalError(f"{id_file} names model {logged.model_id} of another run")
     else:
         logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
         id_file.write_text(logged.model_id)
