@@ -4,7 +4,6 @@ front of it that can hang or ask for a password, as a sick or protected team ser
 
 from __future__ import annotations
 
-import base64
 import codecs
 import gzip
 import hashlib
@@ -14,13 +13,10 @@ import pickle
 import resource
 import select
 import signal
-import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,12 +25,16 @@ import pytest
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
+from cnnlab.bench.servers import MlflowServer, Proxy, wait_healthy  # noqa: F401 - see below
 from cnnlab.data.catalog import FILES
-from procs import free_port, stop_group, wait_until  # free_port: tests import it from here
+from procs import free_port  # noqa: F401 - tests import it from here
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data"  # real MNIST beside the checkout (CI, benchmarks)
 BIN = Path(sys.executable).parent  # console scripts of the environment running the tests
+# MlflowServer (`mlflow server` on loopback, stopped by its process group), Proxy (in front of
+# it: delays, hangs, asks for a password) and wait_healthy are cnnlab.bench.servers': one
+# implementation, shared with cnnlab-bench's tracking section. Tests import them from here.
 
 
 def unavailable(component: str, why: str):
@@ -416,134 +416,3 @@ def assert_complete(store: Store, run, steps: list[int], epochs: int) -> None:
     assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/last.pt"}
     model_id = run.data.tags["cnnlab.model_uri"].removeprefix("models:/")
     assert client.get_logged_model(model_id).status == LoggedModelStatus.READY
-
-
-def wait_healthy(
-    url: str, timeout: float = 120, alive=lambda: True, log: Path | None = None
-) -> None:
-    """Return once `url`/health answers 200; RuntimeError (with `log`'s tail) after `timeout` s
-    or once `alive()` is False."""
-
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return True
-        except OSError:
-            return False
-
-    wait_until(healthy, f"{url} did not become healthy", timeout, alive=alive, log=log,
-               interval=0.25)  # fmt: skip
-
-
-class MlflowServer:
-    """`mlflow server` on one port, with proxied artifacts in `folder` and its runs in
-    `backend_store_uri` (default: a SQLite file in `folder`; a team's is PostgreSQL).
-
-    Started in its own process group: the server runs uvicorn and a job runner as children, and
-    `kill` must take them all down at once, as a crash would. `start` again serves the same store
-    on the same port. The server's output goes to `folder`/server.log.
-    """
-
-    def __init__(
-        self, folder: Path, env: dict[str, str], backend_store_uri: str | None = None
-    ) -> None:
-        self.folder, self.env = folder, env
-        self.backend_store_uri = backend_store_uri or f"sqlite:///{folder / 'server.db'}"
-        self.artifacts = folder / "server-artifacts"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 120) -> MlflowServer:
-        """Start serving and wait until healthy (a new database is migrated first: seconds)."""
-        with (self.folder / "server.log").open("ab") as log:
-            self.proc = subprocess.Popen(
-                [BIN / "mlflow", "server", "--backend-store-uri", self.backend_store_uri,
-                 "--artifacts-destination", str(self.artifacts), "--serve-artifacts",
-                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-                cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                start_new_session=True,
-            )  # fmt: skip
-        proc = self.proc
-        wait_healthy(self.url, timeout, alive=lambda: proc.poll() is None,
-                     log=self.folder / "server.log")  # fmt: skip
-        return self
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Send `sig` to the server and its workers; wait until they are gone."""
-        if self.proc is None:
-            return
-        stop_group(self.proc, sig, timeout=90)  # SIGKILL to what is left after 90 s
-        self.proc = None
-
-
-class Proxy:
-    """A TCP proxy on loopback in front of `target_port`.
-
-    `hang` set: requests are read and never answered (a server whose API hangs).
-    `credentials` (user, password) set: HTTP requests without them (basic auth) get 401.
-    `seen` collects the raw bytes of every request, to check what was sent.
-    """
-
-    def __init__(self, target_port: int, credentials: tuple[str, str] | None = None) -> None:
-        self.target_port, self.credentials = target_port, credentials
-        self.hang = threading.Event()
-        self.seen: list[bytes] = []
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
-        self._closed = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self) -> None:
-        """Stop accepting; open connections end with the test process."""
-        self._closed.set()
-        self._server.close()
-
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
-
-    def _relay(self, client: socket.socket) -> None:
-        upstream = None
-        try:
-            while not self._closed.is_set():
-                readable, _, _ = select.select([client] + ([upstream] if upstream else []), [],
-                                               [], 0.5)  # fmt: skip
-                for sock in readable:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    if sock is client:
-                        self.seen.append(data)
-                        if self.hang.is_set():
-                            continue  # swallowed: the client waits for an answer forever
-                        if self.credentials and self._refused(data):
-                            client.sendall(
-                                b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n"
-                                b"Connection: close\r\n\r\n"
-                            )
-                            return
-                        if upstream is None:
-                            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-                        upstream.sendall(data)
-                    else:
-                        client.sendall(data)
-        except OSError:
-            return
-        finally:
-            client.close()
-            if upstream is not None:
-                upstream.close()
-
-    def _refused(self, data: bytes) -> bool:
-        # Only a request's first packet starts with a method; bodies pass through.
-        head = data.split(b"\r\n\r\n", 1)[0]
-        if head.split(b" ", 1)[0] not in (b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD"):
-            return False
-        user, password = self.credentials
-        token = b"basic " + base64.b64encode(f"{user}:{password}".encode()).lower()
-        return token not in head.lower()

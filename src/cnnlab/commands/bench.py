@@ -21,7 +21,7 @@ def hydra_main(cfg: DictConfig) -> None:
     """The Hydra task behind cnnlab-bench."""
     try:
         validate(cfg)  # before torch is imported: a bad value is one line, at once
-        from cnnlab.bench.sections import run_bench
+        from cnnlab.bench.run import run_bench
 
         run_bench(cfg)
     except CnnlabError as exc:
