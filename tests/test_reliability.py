@@ -131,6 +131,27 @@ def test_a_server_gone_until_the_end_keeps_the_logs_for_cnnlab_sync(
 
 @pytest.mark.integration
 @pytest.mark.server
+def test_a_slow_but_healthy_server_gets_the_whole_run(tiny_overrides, tmp_path, server):
+    # Every request answered after 1 s: delivering the run takes far longer than
+    # tracking.flush_timeout=4 s, but no single write does, so the run's end waits on and the
+    # run is FINISHED, complete (it used to give up after 4 s: exit 1, the run left RUNNING).
+    server, experiment = server
+    proxy = Proxy(server.port, delay=1.0)
+    url = f"http://127.0.0.1:{proxy.port}"
+    training = training_against(
+        tiny_overrides, tmp_path, url, experiment, "train.epochs=2", "train.log_every=5",
+        "tracking.flush_timeout=4",
+    )  # fmt: skip
+    code, stderr = training.finish(timeout=600)
+    assert code == 0, stderr
+    client, run = the_run(server.url, experiment)
+    assert_complete(client, run.info.run_id, training, epochs=2)
+    assert not (tmp_path / "cnnlab-pending").exists()  # delivered: nothing left behind
+    proxy.close()
+
+
+@pytest.mark.integration
+@pytest.mark.server
 def test_a_hanging_server_never_stalls_training(tiny_overrides, tmp_path, server):
     server, experiment = server
     proxy = Proxy(server.port)

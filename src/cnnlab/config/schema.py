@@ -261,7 +261,7 @@ class TrackingConf:
     )  # seconds one HTTP request to a tracking server may take
     flush_timeout: float = ranged(
         60.0, _non_negative, "a number of seconds >= 0"
-    )  # seconds the end of a run waits for the store to take its logs
+    )  # seconds the end of a run waits for a failing store, from the last write it took
     pending_dir: str = ranged(
         "cnnlab-pending", lambda v: bool(v.strip()), "a folder"
     )  # logs on their way to the store wait here, per run

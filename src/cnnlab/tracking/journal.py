@@ -40,6 +40,11 @@ from cnnlab.tracking.store import (
 log = logging.getLogger(__name__)
 
 
+# Seconds one write may take while every request of it succeeds (a model's files, one request
+# each, to a server answering in seconds): only past this does a healthy store count as stuck.
+OP_PATIENCE = 600
+
+
 # ------------------------------------------------------------------------------------- journal
 class Journal:
     """A run's writes, kept in order in `folder` and delivered to the store by a thread.
@@ -90,15 +95,18 @@ class Journal:
             return self._written - self._delivered
 
     def flush(self, timeout: float) -> bool:
-        """Wait for every write to arrive, as long as the store takes one at least every
-        `timeout` seconds: a slow but healthy server gets the whole run, a dead one costs
-        `timeout`. Whether they all arrived."""
+        """Wait for every write to arrive while the store keeps answering: a slow but healthy
+        server gets the whole run; one that fails costs `timeout` seconds from the last write it
+        took (or from now). Whether they all arrived."""
         with self._changed:
             progress, seen = time.monotonic(), self._delivered
             while self._delivered < self._written:
                 if self._delivered > seen:  # the store took something: wait on
                     progress, seen = time.monotonic(), self._delivered
-                left = progress + timeout - time.monotonic()
+                # A write of many requests (a model's files) may take long with every request
+                # answered; only a failure since the last delivered write starts the clock.
+                patience = timeout if self.error is not None else max(timeout, OP_PATIENCE)
+                left = progress + patience - time.monotonic()
                 if left <= 0:
                     return False
                 self._changed.wait(min(left, 1.0))
