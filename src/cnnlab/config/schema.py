@@ -289,6 +289,8 @@ class BenchConf:
     batch_sizes: list[int] = MISSING
     sections: list[str] = MISSING
     ray_address: str | None = None  # sweep section: a running Ray head; None starts a local one
+    # tracking section: the seconds a slow tracking server takes to answer each request
+    server_delays: list[float] = field(default_factory=lambda: [1.0, 3.0])
 
 
 # --------------------------------------------- hydra/sweeper=cnnlab_optuna (cnnlab/search.py)
