@@ -72,6 +72,14 @@ def ranged(default: Any, check: Callable[[Any], bool], expected: str, factory: A
     return field(default=default, metadata=meta)
 
 
+def _sizes(*default: int) -> Any:
+    """A field of layer sizes (integers >= 1), `default` unless set."""
+    return ranged(
+        MISSING, lambda v: all(_positive_int(c) for c in v), "integers >= 1",
+        factory=lambda: list(default),
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------- model: _target_ picks the class
 # The defaults are the constructors' own in models.py (test_models checks that they agree),
 # written out here so that composing a config never imports torch.
@@ -83,30 +91,15 @@ class ModelConf:
 @dataclass
 class ConvNetConf(ModelConf):
     _target_: str = "cnnlab.models.ConvNet"
-    conv_channels: list[int] = ranged(
-        MISSING,
-        lambda v: all(_positive_int(c) for c in v),
-        "integers >= 1",
-        factory=lambda: [10, 5],
-    )  # valid (unpadded) convs
+    conv_channels: list[int] = _sizes(10, 5)  # valid (unpadded) convs
     kernel_size: int = ranged(3, _positive_int, "an integer >= 1")
-    hidden: list[int] = ranged(
-        MISSING,
-        lambda v: all(_positive_int(c) for c in v),
-        "integers >= 1",
-        factory=lambda: [64, 32],
-    )  # linear layers after the convs
+    hidden: list[int] = _sizes(64, 32)  # linear layers after the convs
 
 
 @dataclass
 class MLPConf(ModelConf):
     _target_: str = "cnnlab.models.MLP"
-    hidden: list[int] = ranged(
-        MISSING,
-        lambda v: all(_positive_int(c) for c in v),
-        "integers >= 1",
-        factory=lambda: [64, 32],
-    )
+    hidden: list[int] = _sizes(64, 32)
 
 
 @dataclass
