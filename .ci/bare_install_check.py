@@ -21,7 +21,7 @@ from pathlib import Path
 
 # Modules that are an extra's feature (the cluster extra's Ray launcher), imported only when it
 # is asked for; the plugin class Hydra loads says in one line which extra to install.
-EXTRA_ONLY = {"cnnlab.ray_launcher"}
+EXTRA_ONLY = {"cnnlab.sweeps.ray_launcher"}
 
 # Each feature of the cluster extra, as a user asks for it (tracking off: nothing is logged).
 NEEDS_CLUSTER_EXTRA = [
@@ -62,7 +62,7 @@ def main() -> None:
     modules = [
         m.name
         for package, prefix in ((cnnlab, "cnnlab."), (hydra_plugins, "hydra_plugins."))
-        for m in pkgutil.iter_modules(package.__path__, prefix)
+        for m in pkgutil.walk_packages(package.__path__, prefix)  # every folder's modules too
         if m.name.startswith(("cnnlab", "hydra_plugins.cnnlab_"))
     ]
     for name in sorted(set(modules) - EXTRA_ONLY):
