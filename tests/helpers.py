@@ -25,9 +25,9 @@ import pytest
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
+from cnnlab.bench.procs import free_port  # noqa: F401 - tests import it from here
 from cnnlab.bench.servers import MlflowServer, Proxy, wait_healthy  # noqa: F401 - see below
 from cnnlab.data.catalog import FILES
-from procs import free_port  # noqa: F401 - tests import it from here
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data"  # real MNIST beside the checkout (CI, benchmarks)

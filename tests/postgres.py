@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from procs import free_port, stop_group, wait_until
+from cnnlab.bench.procs import free_port, stop_group, wait_until
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15 package
 STATE = "cnnlab-postgres.json"  # port and credentials: `stop`, and a later `start`, read them

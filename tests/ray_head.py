@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from procs import free_port, stop_group, wait_until
+from cnnlab.bench.procs import free_port, stop_group, wait_until
 
 BIN = Path(sys.executable).parent  # `ray` of the environment running this (helpers.BIN)
 STATE = "ray-head.json"  # in DIR: what `stop` needs once `start` has exited

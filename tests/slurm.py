@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from procs import alive, free_port, log_tail, stop_group, wait_until
+from cnnlab.bench.procs import alive, free_port, log_tail, stop_group, wait_until
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 NODE = "localhost"  # slurmctld accepts SlurmctldHost=localhost on any machine's name

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from cnnlab.bench.procs import stop_group
 from helpers import Running, Store, cli_env, cnnlab, data_overrides, free_port, unavailable
-from procs import stop_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.server, pytest.mark.xdist_group("ui")]
 

@@ -6,9 +6,7 @@ for a password, as a slow, sick or protected team server would."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import logging
-import os
 import select
 import signal
 import socket
@@ -21,6 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from cnnlab import CnnlabError
+from cnnlab.bench.procs import free_port, stop_group, wait_until
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +32,6 @@ class ServerError(CnnlabError):
     """A server that did not come up."""
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on at the moment."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_healthy(
     url: str,
     timeout: float = 120,
@@ -48,16 +40,10 @@ def wait_healthy(
 ) -> None:
     """Return once `url`/health answers 200; ServerError (with `log`'s tail) after `timeout` s
     or once `alive()` is False."""
-    deadline = time.monotonic() + timeout
-    while not _healthy(url):
-        if not alive():
-            reason = "it exited"
-        elif time.monotonic() > deadline:
-            reason = f"not healthy after {timeout:.0f} s"
-        else:
-            time.sleep(0.25)
-            continue
-        raise ServerError(f"{url} did not become healthy: {reason}; log: {_tail(log)}")
+    wait_until(
+        lambda: _healthy(url), f"{url} did not become healthy", timeout, alive, log,
+        error=ServerError, interval=0.25,
+    )  # fmt: skip
 
 
 def _healthy(url: str) -> bool:
@@ -65,38 +51,6 @@ def _healthy(url: str) -> bool:
         with urllib.request.urlopen(f"{url}/health", timeout=2):
             return True
     except OSError:
-        return False
-
-
-def _tail(log: Path | None, lines: int = 5) -> str:
-    try:
-        text = log.read_text(errors="replace").strip() if log is not None else ""
-    except OSError:
-        text = ""
-    return " | ".join(text.splitlines()[-lines:]) or "(none)"
-
-
-def stop_group(proc: subprocess.Popen, sig: int, timeout: float) -> None:
-    """Send `sig` to the process group `proc` leads (started with start_new_session): by its
-    PID, so nothing else is touched. SIGKILL to what is left after `timeout` s."""
-    for signal_, wait in ((sig, timeout), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal_)
-        deadline = time.monotonic() + wait
-        while _group_alive(proc):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        else:
-            return
-
-
-def _group_alive(leader: subprocess.Popen) -> bool:
-    leader.poll()  # reaped: a dead leader left a zombie would keep its group alive
-    try:
-        os.killpg(leader.pid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
         return False
 
 
@@ -149,7 +103,7 @@ class MlflowServer:
         is left after `timeout` s)."""
         if self.proc is None:
             return
-        stop_group(self.proc, sig, timeout)
+        stop_group(self.proc, sig, timeout, kill_timeout=10)
         self.proc = None
 
     def __enter__(self) -> MlflowServer:

@@ -1,7 +1,7 @@
-"""Processes of the real components tests start (SLURM's daemons, PostgreSQL, a Ray head,
-`mlflow server`): a free port, whether a process or group is alive, waiting until one is ready,
-stopping one by its PID. Standard library only: tests/slurm.py and tests/postgres.py import it
-when they run as scripts."""
+"""Processes of the real components the bench and the tests start (`mlflow server`, SLURM's
+daemons, PostgreSQL, a Ray head): a free port, whether a process or group is alive, waiting until
+one is ready, stopping one by its PID. Standard library only: tests/slurm.py and
+tests/postgres.py import it when they run as scripts."""
 
 from __future__ import annotations
 
