@@ -74,10 +74,11 @@ def scan_images(folder: Path, root: Path) -> ImageScan:
         own = stack[0].resolve()  # a folder link may not lead out of its class: labels stay true
         while stack:
             here = stack.pop()
-            if here.resolve() in seen:  # reached again through a link: a loop
+            real = here.resolve()
+            if real in seen:  # reached again through a link: a loop
                 skipped.append(str(here))
                 continue
-            seen.add(here.resolve())
+            seen.add(real)
             files[str(here)] = []
             for entry in os.scandir(here):
                 entries += 1
